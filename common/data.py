@@ -1,0 +1,223 @@
+"""Datasets and loaders: robust image decoding, semantic/augmented pair datasets, labelled
+image lists, and a seeded sampler that makes every epoch reproducible and resumable.
+
+Pretraining data is an image root in ImageFolder layout plus a pairs manifest
+(common/pairs.py). Without `--data`, the embedded nuisance world (common/world.py) is
+generated once into a cache folder and used instead.
+"""
+import contextlib
+import random
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
+from common import pairs as manifest
+
+# Images above this many pixels are refused instead of decoded (decompression-bomb guard).
+Image.MAX_IMAGE_PIXELS = 178_956_970
+
+
+class ImageError(Exception):
+    """An image that cannot be used; the message names the file."""
+
+
+def open_image(path):
+    """Opens an image lazily (header only), turning every failure into an ImageError."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return Image.open(path)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(f"cannot read image {path}: {e}") from None
+
+
+def load_rgb(path):
+    """Decodes an image to 8-bit RGB: CMYK, grayscale, palette, alpha and 16-bit images included."""
+    img = open_image(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img.load()
+        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+            # 16/32-bit integer images: PIL's convert("RGB") would clip, so rescale to 8 bits.
+            a = np.asarray(img, dtype=np.float64)
+            hi = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
+            img = Image.fromarray((a * (255.0 / hi)).round().astype(np.uint8), "L")
+        return img.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(f"cannot decode image {path}: {e}") from None
+    finally:
+        img.close()
+
+
+@contextlib.contextmanager
+def seeded(seed):
+    """Runs the block with torch's and Python's global RNGs seeded, restoring them afterwards."""
+    state = random.getstate()
+    with torch.random.fork_rng(devices=[]):
+        random.seed(seed)
+        torch.manual_seed(seed)
+        yield
+    random.setstate(state)
+
+
+class SeededBatchSampler(Sampler):
+    """Yields batches of (index, sample seed) pairs.
+
+    Each epoch's order and every sample's augmentation seed come from (seed, epoch) alone, so
+    a run is reproducible whatever the number of workers, and resumes exactly mid-epoch
+    (`set_epoch(epoch, start_batch)`). `batch_size` is global: under distributed training each
+    rank takes its slice of every global batch, so the global batch is the same for any
+    number of processes.
+    """
+
+    def __init__(self, num_items, batch_size, seed=0, shuffle=True, drop_last=True, rank=0, world_size=1):
+        if batch_size % world_size:
+            raise ValueError(f"batch size {batch_size} is not divisible by the {world_size} processes")
+        self.num_items, self.batch_size, self.seed = num_items, batch_size, seed
+        self.shuffle, self.drop_last, self.rank, self.world_size = shuffle, drop_last, rank, world_size
+        self.epoch, self.start_batch = 0, 0
+
+    def set_epoch(self, epoch, start_batch=0):
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __len__(self):
+        full, rest = divmod(self.num_items, self.batch_size)
+        return full + (rest > 0 and not self.drop_last)
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.num_items, generator=g) if self.shuffle else torch.arange(self.num_items)
+        seeds = torch.randint(2**62, (self.num_items,), generator=g)
+        per_rank = self.batch_size // self.world_size
+        for b in range(self.start_batch, len(self)):
+            batch = order[b * self.batch_size:(b + 1) * self.batch_size]
+            mine = batch[self.rank * per_rank:(self.rank + 1) * per_rank] if self.world_size > 1 else batch
+            yield [(int(i), int(seeds[i])) for i in mine]
+
+
+class PairDataset(Dataset):
+    """(view 1 of image_a, view 2 of image_b, class index) for items (label, path_a, path_b).
+
+    Semantic pairs have two different images; augmented pairs have path_a == path_b, and the
+    image is decoded once and viewed twice. Keys are (index, seed) from SeededBatchSampler.
+    """
+
+    def __init__(self, root, items, views, classes):
+        self.root, self.items, self.views, self.classes = Path(root), items, views, classes
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, key):
+        index, seed = key
+        label, a, b = self.items[index]
+        img_a = load_rgb(self.root / a)
+        img_b = img_a if b == a else load_rgb(self.root / b)
+        with seeded(seed):
+            return self.views[0](img_a), self.views[1](img_b), label
+
+
+class LabelledImages(Dataset):
+    """(transform(image), label) over a list of (path, label); keys are indices or (index, seed)."""
+
+    def __init__(self, samples, transform, classes):
+        self.samples, self.transform, self.classes = samples, transform, classes
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, key):
+        index, seed = key if isinstance(key, tuple) else (key, key)
+        path, label = self.samples[index]
+        img = load_rgb(path)
+        with seeded(seed):
+            return self.transform(img), label
+
+
+def image_folder(root, classes=None):
+    """(samples, classes) of an ImageFolder tree, optionally restricted to given class names."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder not found: {root} (expected {root}/<class>/<image>)")
+    names = classes if classes is not None else find_classes(root)[0]
+    samples = make_dataset(root, {c: i for i, c in enumerate(names)}, IMG_EXTENSIONS, allow_empty=True)
+    if not samples:
+        raise FileNotFoundError(f"no images under {root} (expected {root}/<class>/<image>)")
+    return samples, list(names)
+
+
+def world_config(overrides):
+    """A WorldConfig from `key=value` strings (the scripts' --world flag)."""
+    from common.world import WorldConfig
+
+    fields = WorldConfig.__dataclass_fields__
+    kwargs = {}
+    for item in overrides or []:
+        key, _, value = item.partition("=")
+        if key not in fields:
+            raise SystemExit(f"error: unknown world setting {key!r}; known: {', '.join(fields)}")
+        kwargs[key] = type(getattr(WorldConfig(), key))(value)
+    return WorldConfig(**kwargs)
+
+
+def resolve_data(args):
+    """(image root, manifest path, world root or None) for the scripts' data flags."""
+    if args.data is None:
+        from common.world import ensure_world
+
+        world = ensure_world(world_config(args.world))
+        return world / "train", world / "pairs.csv", world
+    root = Path(args.data)
+    return root, Path(args.manifest) if args.manifest else root / "pairs.csv", None
+
+
+def pretrain_dataset(args, views):
+    """The pretraining PairDataset for --pairs semantic|augmented, checked before training.
+
+    Raises ManifestError naming every problem (with line numbers) before any image is decoded.
+    """
+    root, manifest_path, _ = resolve_data(args)
+    pairs = manifest.load_pairs(manifest_path, root)
+    if args.images_per_class:
+        pairs = manifest.first_per_class(pairs, args.images_per_class)
+    classes = sorted({p.cls for p in pairs})
+    index = {c: i for i, c in enumerate(classes)}
+    if args.pairs == "semantic":
+        items = [(index[p.cls], p.image_a, p.image_b) for p in pairs]
+    else:
+        items = [(index[c], name, name) for c, name in manifest.augmented_images(pairs, args.ap_images == "all")]
+    return PairDataset(root, items, views, classes)
+
+
+def monitor_split(args, pretrain):
+    """Labelled (bank, queries) sample lists for the kNN monitor, or None.
+
+    On the embedded world: its seen-class transfer split (train as bank, test as queries). On
+    real data: the manifest's images as bank and up to 10 unused images per class from the same
+    class folders as queries (ImageNet folders hold far more images than a manifest uses).
+    """
+    root, _, world = resolve_data(args)
+    if world is not None:
+        bank, classes = image_folder(world / "transfer" / "seen" / "train")
+        return bank, image_folder(world / "transfer" / "seen" / "test", classes)[0], classes
+    used = {name for _, a, b in pretrain.items for name in (a, b)}
+    bank = sorted({(str(root / name), label) for label, a, b in pretrain.items for name in (a, b)})
+    queries, taken = [], {}
+    for path, label in image_folder(root, pretrain.classes)[0]:
+        if Path(path).relative_to(root).as_posix() not in used and taken.get(label, 0) < 10:
+            taken[label] = taken.get(label, 0) + 1
+            queries.append((path, label))
+    return (bank, queries, pretrain.classes) if queries else None
+
+
+def make_loader(dataset, batch_sampler, workers, device):
+    """A DataLoader over a SeededBatchSampler with the GPU-friendly settings."""
+    return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=workers,
+                      pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                      prefetch_factor=4 if workers > 0 else None)

@@ -1,0 +1,69 @@
+"""SimCLR (Chen et al., 2020) pretraining on semantic or augmented pairs.
+
+    python simclr.py --pairs semantic                  # embedded world, CPU-sized defaults
+    python simclr.py --pairs augmented --data IMAGENET/train --manifest pairs.csv   # paper settings
+
+Each pair gives two views (view 1 of image_a, view 2 of image_b; for augmented pairs both come
+from image_a). The NT-Xent loss treats each view's partner as its positive and the other
+2N-2 views of the (global) batch as negatives. LARS, linear warm-up then cosine decay.
+"""
+import torch
+from torch import nn
+
+from common import data, losses, transforms, utils
+from common.backbones import build_backbone
+
+# flag: (real data, as in the original publication; embedded world on 2 CPU cores)
+DEFAULTS = {
+    "lr": (0.3, 0.3),  # scaled by batch / 256
+    "weight_decay": (1e-6, 1e-6),
+    "temperature": (0.1, 0.2),
+    "proj_dim": (128, 128),
+}
+
+
+class SimCLR(nn.Module):
+    """Backbone plus projection head (Linear-BN-ReLU-Linear, hidden width = feature width)."""
+
+    def __init__(self, backbone, feat_dim, proj_dim):
+        super().__init__()
+        self.backbone = backbone
+        self.projector = nn.Sequential(
+            nn.Linear(feat_dim, feat_dim, bias=False), nn.BatchNorm1d(feat_dim), nn.ReLU(inplace=True),
+            nn.Linear(feat_dim, proj_dim),
+        )
+
+    def forward(self, x):
+        return self.projector(self.backbone(x))
+
+
+def main():
+    args = utils.resolve_defaults(utils.base_parser("simclr", DEFAULTS).parse_args())
+    run = utils.Run(args)
+    dataset = data.pretrain_dataset(args, transforms.pair_views("simclr", args.img_size, args.transforms))
+    loader = run.loader(dataset)
+
+    backbone, feat_dim = build_backbone(args.arch, args.img_size)
+    model = run.prepare(SimCLR(backbone, feat_dim, args.proj_dim))
+    optimizer = utils.LARS(utils.param_groups(model, args.weight_decay))
+    lr_schedule = utils.cosine_schedule(args.lr * args.batch_size / 256, 0.0, args.epochs, len(loader),
+                                        args.warmup_epochs)
+    start_epoch = run.resume(model=model, optimizer=optimizer)
+
+    for epoch in range(start_epoch, args.epochs):
+        for step, (x1, x2, _) in run.steps(loader, epoch):
+            utils.set_lr(optimizer, lr_schedule[step])
+            with run.autocast():
+                z1, z2 = model(torch.cat([x1, x2])).float().chunk(2)
+            # Gathering makes every process's negatives the whole global batch.
+            loss = losses.nt_xent(utils.gather(z1), utils.gather(z2), args.temperature)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            run.log(loss, lr=lr_schedule[step])
+        run.end_epoch(epoch, run.unwrap(model).backbone, model=model, optimizer=optimizer)
+    run.finish(run.unwrap(model).backbone)
+
+
+if __name__ == "__main__":
+    utils.run_main(main)
