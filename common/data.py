@@ -102,7 +102,9 @@ class SeededBatchSampler(Sampler):
 
 
 class PairDataset(Dataset):
-    """(view 1 of image_a, view 2 of image_b, class index) for items (label, path_a, path_b).
+    """Views of pairs: items are (label, path_a, path_b); `views` is a list of (transform,
+    source) with source 0 for image_a and 1 for image_b, e.g. [(view1, 0), (view2, 1)].
+    Returns (*views, label).
 
     Semantic pairs have two different images; augmented pairs have path_a == path_b, and the
     image is decoded once and viewed twice. Keys are (index, seed) from SeededBatchSampler.
@@ -118,9 +120,9 @@ class PairDataset(Dataset):
         index, seed = key
         label, a, b = self.items[index]
         img_a = load_rgb(self.root / a)
-        img_b = img_a if b == a else load_rgb(self.root / b)
+        images = (img_a, img_a if b == a else load_rgb(self.root / b))
         with seeded(seed):
-            return self.views[0](img_a), self.views[1](img_b), label
+            return (*(transform(images[source]) for transform, source in self.views), label)
 
 
 class LabelledImages(Dataset):
@@ -179,6 +181,7 @@ def resolve_data(args):
 
 def pretrain_dataset(args, views):
     """The pretraining PairDataset for --pairs semantic|augmented, checked before training.
+    `views`: [(transform, source)] as PairDataset takes.
 
     Raises ManifestError naming every problem (with line numbers) before any image is decoded.
     """

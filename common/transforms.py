@@ -64,9 +64,10 @@ def view_pipeline(img_size, jitter=(0.4, 0.4, 0.2, 0.1), blur_p=0.5, solarize_p=
 
 
 def pair_views(method, img_size, ablation="full", crop_scale=(0.08, 1.0)):
-    """The two view pipelines of `method` (view 1 goes to image_a, view 2 to image_b)."""
+    """[(view 1, 0), (view 2, 1)]: the two view pipelines of `method`, view 1 applied to image_a
+    and view 2 to image_b (for augmented pairs both images are the same)."""
     jitter, blur, solarize = RECIPES[method]
-    return tuple(view_pipeline(img_size, jitter, blur[i], solarize[i], ablation, crop_scale) for i in range(2))
+    return [(view_pipeline(img_size, jitter, blur[i], solarize[i], ablation, crop_scale), i) for i in range(2)]
 
 
 def eval_transform(img_size, resize_ratio=256 / 224):
