@@ -179,8 +179,9 @@ def resolve_data(args):
     return root, Path(args.manifest) if args.manifest else root / "pairs.csv", None
 
 
-def pretrain_dataset(args, views):
-    """The pretraining PairDataset for --pairs semantic|augmented, checked before training.
+def pretrain_dataset(args, views, mode=None):
+    """The pretraining PairDataset for `mode` (default --pairs): semantic or augmented pairs,
+    checked before training.
     `views`: [(transform, source)] as PairDataset takes.
 
     Raises ManifestError naming every problem (with line numbers) before any image is decoded.
@@ -191,7 +192,7 @@ def pretrain_dataset(args, views):
         pairs = manifest.first_per_class(pairs, args.images_per_class)
     classes = sorted({p.cls for p in pairs})
     index = {c: i for i, c in enumerate(classes)}
-    if args.pairs == "semantic":
+    if (mode or args.pairs) == "semantic":
         items = [(index[p.cls], p.image_a, p.image_b) for p in pairs]
     else:
         items = [(index[c], name, name) for c, name in manifest.augmented_images(pairs, args.ap_images == "all")]

@@ -31,11 +31,11 @@ SHARED_DEFAULTS = {
 }
 
 
-def base_parser(method, defaults):
+def base_parser(method, defaults, prog=None):
     """The flags every method script shares, plus `defaults`: {flag: (real data, embedded world)}
     for the method's own flags (a None default is filled in by `resolve_defaults`)."""
-    p = argparse.ArgumentParser(f"{method}.py", description=f"{method} pretraining on semantic or augmented pairs")
-    p.add_argument("--pairs", choices=("semantic", "augmented"), required=True,
+    p = argparse.ArgumentParser(prog or f"{method}.py", description=f"{method} pretraining on semantic or augmented pairs")
+    p.add_argument("--pairs", choices=("semantic", "augmented"), required=prog is None,
                    help="semantic: views of two same-class images; augmented: two views of one image")
     p.add_argument("--data", help="image root in ImageFolder layout (default: the embedded nuisance world)")
     p.add_argument("--manifest", help="semantic-pairs CSV, paths relative to --data (default: DATA/pairs.csv)")
@@ -76,6 +76,7 @@ def resolve_defaults(args):
 
 def cosine_schedule(base, final, epochs, steps_per_epoch, warmup_epochs=0, warmup_start=0.0):
     """Per-iteration values: linear warm-up from warmup_start to base, then cosine to final."""
+    warmup_epochs = min(warmup_epochs, epochs)
     warmup = np.linspace(warmup_start, base, warmup_epochs * steps_per_epoch, endpoint=False)
     steps = np.arange(epochs * steps_per_epoch - len(warmup))
     cosine = final + 0.5 * (base - final) * (1 + np.cos(np.pi * steps / max(len(steps), 1)))
