@@ -118,7 +118,7 @@ class LARS(torch.optim.Optimizer):
 
 def set_lr(optimizer, lr):
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = float(lr)  # a numpy scalar would not load with weights_only=True
 
 
 class _GatherWithGrad(torch.autograd.Function):
