@@ -1,0 +1,321 @@
+"""The paper's experiment matrix, declared once, run locally, in-process or as SLURM job arrays.
+
+    python -m eval.study --preset embedded-quick --out runs/demo          # `make demo`
+    python -m eval.study --preset embedded --out runs/study               # `make study`
+    python -m eval.study --preset figure4 --executor slurm --out /scratch/study \\
+        --imagenet IMAGENET/train --manifest pairs.csv --downstream DATA \\
+        --partition gpu --gpus-per-node 8 --time 4320 --array-parallelism 16 --account ACC
+    python -m eval.study --preset paper --list                            # show the cells
+
+A study is a set of cells. A cell is one pretraining run (a method script, or a baseline of
+eval/baselines.py) in OUT/<cell>/ and the evaluations of its backbone, each writing one result
+JSON under OUT/<cell>/results/. Everything is idempotent: a cell whose backbone.pth exists is not
+trained again, an evaluation whose result exists is not run again, and training always passes
+--resume, so an interrupted cell continues from its last checkpoint. At the end the study folder
+is turned into the paper's tables and figures (eval/report.py) in OUT/report/.
+
+Executors: `local` runs each command as a subprocess, one after another; `debug` runs them in
+this process (for tests and debuggers); `slurm` submits the unfinished pretraining runs as one
+submitit job array (checkpointable: on preemption or timeout the job is requeued and resumes)
+and each cell's evaluations as a job that starts after its own pretraining task succeeded.
+"""
+import argparse
+import json
+import os
+import runpy
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common.utils import git_commit
+
+REPO = Path(__file__).resolve().parents[1]
+METHODS = ("simclr", "vicreg", "byol", "dino")
+PAIRS = ("semantic", "augmented")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One pretraining run and the evaluations of its backbone. Commands are argv lists after
+    `python`; "{run}" in them stands for the cell's folder."""
+
+    name: str
+    train: tuple
+    evals: dict = field(default_factory=dict)  # result file name -> command
+
+    def folder(self, root):
+        return Path(root) / self.name
+
+    def trained(self, root):
+        return (self.folder(root) / "backbone.pth").exists()
+
+    def pending_evals(self, root):
+        results = self.folder(root) / "results"
+        return {name: cmd for name, cmd in self.evals.items() if not (results / name).exists()}
+
+    def train_commands(self, root):
+        """[the pretraining command] while the cell is untrained, else []."""
+        run = str(self.folder(root))
+        return [] if self.trained(root) else [[*self.train, "--out", run, "--resume"]]
+
+    def eval_commands(self, root):
+        """The evaluations whose result files are missing, with the cell's paths filled in."""
+        run = str(self.folder(root))
+        return [[arg.replace("{run}", run) for arg in cmd] + ["--out", str(Path(run) / "results" / name)]
+                for name, cmd in self.pending_evals(root).items()]
+
+    def commands(self, root):
+        return self.train_commands(root) + self.eval_commands(root)
+
+
+# ---------------------------------------------------------------- the matrix
+
+def train_command(method, pairs, seed, flags):
+    if method in ("supervised", "random"):
+        return ("-m", "eval.baselines", method, "--seed", str(seed), *flags)
+    return (f"{method}.py", "--pairs", pairs, "--seed", str(seed), *flags)
+
+
+def cell_name(method, pairs, seed, settings):
+    """e.g. simclr-semantic-s0, simclr-augmented-epochs400-s1, supervised-background_strength0.8-s0."""
+    parts = [method] + ([pairs] if method in METHODS else [])
+    parts += [f"{k}{v}" for k, v in settings.items()]
+    return "-".join(parts + [f"s{seed}"])
+
+
+def cell(method, pairs, seed, evals, data_flags=(), **settings):
+    """A cell; `settings` are training flags (images_per_class=50 -> --images-per-class 50) and
+    world settings (world_background_strength=0.8 -> --world background_strength=0.8)."""
+    flags, world = list(data_flags), []
+    for key, value in settings.items():
+        if key.startswith("world_"):
+            world.append(f"{key[6:]}={value}")
+        else:
+            flags += [f"--{key.replace('_', '-')}", str(value)]
+    if world:
+        flags += ["--world", *world]
+    name = cell_name(method, pairs, seed, {k.removeprefix("world_"): v for k, v in settings.items()})
+    return Cell(name, train_command(method, pairs, seed, flags), evals)
+
+
+def probe(dataset, data_root=None, crop="center", **extra):
+    """A linear-probe evaluation: (result file name, command)."""
+    cmd = ["-m", "eval.linear_probe", "--checkpoint", "{run}/backbone.pth", "--dataset", dataset, "--crop", crop]
+    if data_root:
+        cmd += ["--data-root", data_root]
+    for key, value in extra.items():
+        cmd += [f"--{key.replace('_', '-')}", str(value)]
+    suffix = "-".join(str(v) for v in extra.values())
+    return f"linear-{dataset}{'-' + suffix if suffix else ''}-{crop}.json", cmd
+
+
+def embedded_evals():
+    evals = dict(probe("embedded", split=split) for split in ("seen", "unseen"))
+    evals["invariance.json"] = ["-m", "eval.invariance", "--checkpoint", "{run}/backbone.pth"]
+    return evals
+
+
+def embedded_matrix(methods, seeds, epochs=None, **settings):
+    """SP and AP for each method, plus the supervised ceiling and the random-init floor."""
+    extra = {"epochs": epochs} if epochs else {}
+    cells = [cell(m, p, s, embedded_evals(), **extra, **settings) for m in methods for p in PAIRS for s in seeds]
+    cells += [cell(b, None, s, embedded_evals(), **extra, **settings) for b in ("supervised", "random") for s in seeds]
+    return cells
+
+
+def paper_presets(a):
+    """The paper's experiments on ImageNet subsets (ResNet-50, batch 256, 200 epochs by default)."""
+    data = ("--data", a.imagenet, "--manifest", a.manifest) if a.imagenet else ()
+    down = a.downstream
+
+    transfer = dict(probe(d, down) for d in ("stl10", "cifar10", "cifar100"))
+    stl10 = dict([probe("stl10", down)])
+    detection = {"detection-voc07.json": ["-m", "eval.detection", "--checkpoint", "{run}/backbone.pth",
+                                          "--voc-root", str(a.voc_root)]}
+    finetune = {f"finetune-{d}.json": ["-m", "eval.finetune", "--checkpoint", "{run}/backbone.pth", "--dataset", d,
+                                       "--data-root", str(down)] for d in ("cifar10", "cifar100", "stl10")}
+    grid = [(p, s) for p in PAIRS for s in a.seeds]
+    return {
+        "figure4": [cell(m, p, s, transfer, data) for m in METHODS for p, s in grid],
+        "table1": [cell("simclr", p, s, stl10, data, **({"epochs": e} if e != 200 else {}))
+                   for e in (200, 400, 800) for p, s in grid],
+        "table2": [cell("simclr", p, s, detection, data) for p, s in grid],
+        "table3": [cell("dino", p, s, finetune, data, arch="vit_small_patch8", epochs=300) for p, s in grid],
+        "table4": [cell("simclr", p, s, dict([probe("stl10", down), probe("stl10", down, "random")]), data)
+                   for p, s in grid],
+        "table5": [cell("simclr", p, s, stl10, data, **({"images_per_class": n} if n != 157 else {}))
+                   for n in (50, 100, 157) for p, s in grid],
+        "figure5": [cell("simclr", p, s, stl10, data, **({"transforms": t} if t != "full" else {}))
+                    for t in ("full", "no_gray", "no_color", "only_crop") for p, s in grid],
+    }
+
+
+def presets(a):
+    table = paper_presets(a)
+    table["paper"] = [c for name in list(table) for c in table[name]]
+    table["embedded"] = embedded_matrix(METHODS, a.seeds)
+    table["embedded-quick"] = embedded_matrix(("simclr", "byol"), a.seeds)
+    table["embedded-nuisance"] = [c for s in (0.2, 0.5, 0.8)
+                                  for c in embedded_matrix(("simclr",), a.seeds, world_background_strength=s)]
+    return table
+
+
+def select(cells):
+    """Cells by name, first occurrence kept (presets share cells, e.g. SimCLR at 200 epochs)."""
+    return list({c.name: c for c in reversed(cells)}.values())[::-1]
+
+
+# ---------------------------------------------------------------- executors
+
+def run_local(cells, root, in_process=False):
+    for c in cells:
+        c.folder(root).mkdir(parents=True, exist_ok=True)
+        write_cell_record(c, root)
+        for cmd in c.commands(root):
+            print(f"[{c.name}] python {' '.join(cmd)}", flush=True)
+            if in_process:
+                run_in_process(cmd)
+            else:
+                subprocess.run([sys.executable, *cmd], cwd=REPO, check=True)
+
+
+def run_in_process(cmd):
+    argv, cwd = sys.argv, os.getcwd()
+    try:
+        os.chdir(REPO)
+        if cmd[0] == "-m":
+            sys.argv = [cmd[1], *cmd[2:]]
+            runpy.run_module(cmd[1], run_name="__main__", alter_sys=True)
+        else:
+            sys.argv = list(cmd)
+            runpy.run_path(str(REPO / cmd[0]), run_name="__main__")
+    except SystemExit as e:
+        if e.code not in (None, 0):
+            raise RuntimeError(f"python {' '.join(cmd)} exited with {e.code}") from None
+    finally:
+        sys.argv = argv
+        os.chdir(cwd)
+
+
+def write_cell_record(c, root):
+    record = {"name": c.name, "train": list(c.train), "evals": c.evals, "git_commit": git_commit()}
+    (c.folder(root) / "cell.json").write_text(json.dumps(record, indent=2) + "\n")
+
+
+class SlurmTask:
+    """A submitit job running one stage of a cell ("train": one task per GPU, each a rank of
+    torch.distributed; "eval": one task). Checkpointable: on preemption or timeout submitit
+    requeues it, and the commands resume from their last checkpoints."""
+
+    def __init__(self, cell, root, stage):
+        self.cell, self.root, self.stage = cell, root, stage
+
+    def __call__(self):
+        import submitit
+
+        if self.stage == "train":
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        cmds = self.cell.train_commands(self.root) if self.stage == "train" else self.cell.eval_commands(self.root)
+        for cmd in cmds:
+            subprocess.run([sys.executable, *cmd], cwd=REPO, check=True)
+
+    def checkpoint(self):
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(SlurmTask(self.cell, self.root, self.stage))
+
+
+def slurm_parameters(a, stage):
+    """submitit parameters: pretraining jobs get one task per GPU on --nodes nodes, evaluation
+    jobs one task with --eval-gpus GPUs."""
+    train = stage == "train"
+    return dict(slurm_partition=a.partition, slurm_account=a.account, nodes=a.nodes if train else 1,
+                gpus_per_node=a.gpus_per_node if train else a.eval_gpus,
+                tasks_per_node=a.gpus_per_node if train else 1, cpus_per_task=a.cpus_per_task,
+                timeout_min=a.time, slurm_array_parallelism=a.array_parallelism, slurm_signal_delay_s=120,
+                name=f"sempairs-{stage}")
+
+
+def run_slurm(cells, root, a, executor_factory=None):
+    """Submits the pending work; returns (training jobs, evaluation jobs) by cell name."""
+    import submitit
+
+    factory = executor_factory or (lambda: submitit.AutoExecutor(folder=Path(root) / "slurm"))
+    for c in cells:
+        c.folder(root).mkdir(parents=True, exist_ok=True)
+        write_cell_record(c, root)
+    to_train = [c for c in cells if not c.trained(root)]
+    train_jobs = {}
+    if to_train:
+        executor = factory()
+        executor.update_parameters(**slurm_parameters(a, "train"))
+        jobs = executor.submit_array([SlurmTask(c, root, "train") for c in to_train])
+        train_jobs = {c.name: job for c, job in zip(to_train, jobs)}
+    eval_jobs = {}
+    for c in cells:
+        if not c.pending_evals(root):
+            continue
+        executor = factory()
+        params = slurm_parameters(a, "eval")
+        if c.name in train_jobs:
+            params["slurm_additional_parameters"] = {"dependency": f"afterok:{train_jobs[c.name].job_id}"}
+        executor.update_parameters(**params)
+        eval_jobs[c.name] = executor.submit(SlurmTask(c, root, "eval"))
+    return train_jobs, eval_jobs
+
+
+# ---------------------------------------------------------------- command line
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m eval.study", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", required=True, help="embedded, embedded-quick, embedded-nuisance, figure4, "
+                   "table1..table5, figure5, or paper (all of the paper's)")
+    p.add_argument("--out", required=True, help="study folder")
+    p.add_argument("--executor", choices=("local", "debug", "slurm"), default="local")
+    p.add_argument("--seeds", type=int, nargs="+", help="pretraining seeds (default 0 1 2; embedded-quick: 0)")
+    p.add_argument("--list", action="store_true", help="print the cells and what is left to do, then stop")
+    real = p.add_argument_group("real data (paper presets)")
+    real.add_argument("--imagenet", help="ImageNet train folder (ImageFolder layout)")
+    real.add_argument("--manifest", help="semantic-pairs manifest (python -m common.pairs build)")
+    real.add_argument("--downstream", default="data", help="root holding stl10_binary/, cifar-10-batches-py/, cifar-100-python/")
+    real.add_argument("--voc-root", default="data", help="root holding VOCdevkit/ (Table 2)")
+    slurm = p.add_argument_group("slurm")
+    slurm.add_argument("--partition")
+    slurm.add_argument("--account")
+    slurm.add_argument("--gpus-per-node", type=int, default=8, help="GPUs (= tasks) per node of a pretraining job")
+    slurm.add_argument("--nodes", type=int, default=1, help="nodes per pretraining job")
+    slurm.add_argument("--eval-gpus", type=int, default=1, help="GPUs per evaluation job")
+    slurm.add_argument("--cpus-per-task", type=int, default=10)
+    slurm.add_argument("--time", type=int, default=72 * 60, help="minutes per job (jobs requeue and resume)")
+    slurm.add_argument("--array-parallelism", type=int, default=16)
+    a = p.parse_args(argv)
+    a.seeds = a.seeds or ([0] if a.preset == "embedded-quick" else [0, 1, 2])
+    table = presets(a)
+    if a.preset not in table:
+        p.error(f"unknown preset {a.preset!r}; choose from {', '.join(table)}")
+    if a.preset not in ("embedded", "embedded-quick", "embedded-nuisance") and not (a.imagenet and a.manifest) \
+            and not a.list:
+        p.error("the paper's presets train on ImageNet: give --imagenet and --manifest")
+    cells, root = select(table[a.preset]), Path(a.out)
+    if a.list:
+        for c in cells:
+            left = len(c.commands(root))
+            print(f"{c.name:48s} {'done' if not left else f'{left} command(s) left'}")
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    if a.executor == "slurm":
+        train_jobs, eval_jobs = run_slurm(cells, root, a)
+        print(f"submitted {len(train_jobs)} pretraining tasks and {len(eval_jobs)} evaluation jobs; "
+              f"logs in {root / 'slurm'}; rerun this command to resubmit what is unfinished")
+        return
+    run_local(cells, root, in_process=a.executor == "debug")
+    from eval import report
+
+    report.main([str(root), "--out", str(root / "report")])
+    print((root / "report" / "report.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
