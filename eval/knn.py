@@ -3,10 +3,15 @@
 Features are L2-normalised; each of the k most cosine-similar bank samples votes for its
 class with weight exp(similarity / T). Works for any number of queries and classes.
 
-    python -m eval.knn --checkpoint RUN/backbone.pth --train DIR --test DIR [--img-size 224]
+    python -m eval.knn --checkpoint RUN/backbone.pth --dataset stl10 --data-root DATA [--crop random]
+    python -m eval.knn --checkpoint RUN/backbone.pth --dataset embedded --split unseen
+
+The bank is the training set, the queries the test set, both in the views and with the cached
+features of eval.linear_probe (eval.datasets); the result file follows eval/report.py's schema.
 """
 import argparse
 import json
+import time
 
 import torch
 import torch.nn.functional as F
@@ -33,30 +38,34 @@ def knn_accuracy(bank, bank_labels, queries, query_labels, num_classes, k=20, te
 
 
 def main(argv=None):
-    from common.backbones import load_backbone
-    from common.data import LabelledImages, image_folder
-    from common.transforms import eval_transform
-    from eval.features import extract_features
+    # Imported here: the training scripts' kNN monitor imports this module for knn_accuracy alone.
+    from eval import report
+    from eval.datasets import add_eval_args, dataset_features, load_for_eval, result_path, view_protocol
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="a backbone.pth")
-    parser.add_argument("--train", required=True, help="ImageFolder root of the labelled bank")
-    parser.add_argument("--test", required=True, help="ImageFolder root of the queries")
-    parser.add_argument("--img-size", type=int, default=224)
+    parser = argparse.ArgumentParser(prog="python -m eval.knn", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_eval_args(parser)
     parser.add_argument("--k", type=int, default=20)
     parser.add_argument("--temperature", type=float, default=0.07)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
+    start = time.time()
+    backbone, _ = load_for_eval(args)
+    bank, bank_labels, classes = dataset_features(args, backbone, "train")
+    queries, labels, _ = dataset_features(args, backbone, "test", args.crop)
     device = torch.device(args.device)
-    backbone = load_backbone(args.checkpoint, args.img_size)[0].to(device)
-    tf = eval_transform(args.img_size)
-    bank_samples, classes = image_folder(args.train)
-    test_samples = image_folder(args.test, classes)[0]
-    bank, bank_labels = extract_features(backbone, LabelledImages(bank_samples, tf, classes), device)
-    queries, labels = extract_features(backbone, LabelledImages(test_samples, tf, classes), device)
-    acc = knn_accuracy(bank, bank_labels, queries, labels, len(classes), args.k, args.temperature)
-    print(json.dumps({"knn_top1": acc, "k": args.k, "temperature": args.temperature, "checkpoint": args.checkpoint}))
+    acc = knn_accuracy(bank.to(device), bank_labels.to(device), queries.to(device), labels.to(device), len(classes),
+                       args.k, args.temperature)
+    protocol = {"name": "weighted-knn", "k": args.k, "temperature": args.temperature,
+                "features": "global-pooled, L2-normalised, backbone in eval mode, centre view",
+                "train_view": view_protocol(args.dataset, args.img_size, "center", args.seed),
+                "test_view": view_protocol(args.dataset, args.img_size, args.crop, args.seed)}
+    record = report.result_record(args, "knn", accuracy=acc, num_classes=len(classes), num_train=len(bank_labels),
+                                  num_test=len(labels), protocol=protocol, time_s=time.time() - start)
+    path = report.write_result(record, result_path(args, "knn", args.crop))
+    print(json.dumps({k: record[k] for k in ("eval", "dataset", "split", "crop", "accuracy")} | {"out": str(path)}))
 
 
 if __name__ == "__main__":
-    main()
+    from common.utils import run_main
+
+    run_main(main)
