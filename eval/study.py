@@ -38,7 +38,8 @@ PAIRS = ("semantic", "augmented")
 @dataclass(frozen=True)
 class Cell:
     """One pretraining run and the evaluations of its backbone. Commands are argv lists after
-    `python`; "{run}" in them stands for the cell's folder."""
+    `python`; in evaluation commands "{run}" stands for the cell's folder and "{result}" for the
+    evaluation's result file, OUT/<cell>/results/<name>."""
 
     name: str
     train: tuple
@@ -61,8 +62,8 @@ class Cell:
 
     def eval_commands(self, root):
         """The evaluations whose result files are missing, with the cell's paths filled in."""
-        run = str(self.folder(root))
-        return [[arg.replace("{run}", run) for arg in cmd] + ["--out", str(Path(run) / "results" / name)]
+        run = self.folder(root)
+        return [[arg.replace("{run}", str(run)).replace("{result}", str(run / "results" / name)) for arg in cmd]
                 for name, cmd in self.pending_evals(root).items()]
 
     def commands(self, root):
@@ -101,7 +102,8 @@ def cell(method, pairs, seed, evals, data_flags=(), **settings):
 
 def probe(dataset, data_root=None, crop="center", **extra):
     """A linear-probe evaluation: (result file name, command)."""
-    cmd = ["-m", "eval.linear_probe", "--checkpoint", "{run}/backbone.pth", "--dataset", dataset, "--crop", crop]
+    cmd = ["-m", "eval.linear_probe", "--checkpoint", "{run}/backbone.pth", "--dataset", dataset, "--crop", crop,
+           "--out", "{result}"]
     if data_root:
         cmd += ["--data-root", data_root]
     for key, value in extra.items():
@@ -112,7 +114,7 @@ def probe(dataset, data_root=None, crop="center", **extra):
 
 def embedded_evals():
     evals = dict(probe("embedded", split=split) for split in ("seen", "unseen"))
-    evals["invariance.json"] = ["-m", "eval.invariance", "--checkpoint", "{run}/backbone.pth"]
+    evals["invariance.json"] = ["-m", "eval.invariance", "--checkpoint", "{run}/backbone.pth", "--out", "{result}"]
     return evals
 
 
@@ -131,10 +133,14 @@ def paper_presets(a):
 
     transfer = dict(probe(d, down) for d in ("stl10", "cifar10", "cifar100"))
     stl10 = dict([probe("stl10", down)])
-    detection = {"detection-voc07.json": ["-m", "eval.detection", "--checkpoint", "{run}/backbone.pth",
-                                          "--voc-root", str(a.voc_root)]}
+    # Detection fine-tunes in OUT/<cell>/detection/ and resumes there; with several GPUs under torchrun.
+    launch = ["-m", "torch.distributed.run", f"--nproc-per-node={a.eval_gpus}"] if a.eval_gpus > 1 else []
+    detection = {"detection-voc07.json": [*launch, "-m", "eval.detection", "--checkpoint", "{run}/backbone.pth",
+                                          "--voc-root", str(a.voc_root), "--out", "{run}/detection", "--resume",
+                                          "--result", "{result}"]}
     finetune = {f"finetune-{d}.json": ["-m", "eval.finetune", "--checkpoint", "{run}/backbone.pth", "--dataset", d,
-                                       "--data-root", str(down)] for d in ("cifar10", "cifar100", "stl10")}
+                                       "--data-root", str(down), "--resume", "--out", "{result}"]
+                for d in ("cifar10", "cifar100", "stl10")}
     grid = [(p, s) for p in PAIRS for s in a.seeds]
     return {
         "figure4": [cell(m, p, s, transfer, data) for m in METHODS for p, s in grid],
