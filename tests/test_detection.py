@@ -197,6 +197,8 @@ def test_train_step_evaluation_and_resume(tmp_path):
         assert 0.0 <= result[key] <= 100.0
     assert set(result["per_class_AP50"]) == {"cat", "dog"}
     assert json.loads((out / "results.json").read_text())["AP50"] == result["AP50"]
+    record = json.loads((tmp_path / "results" / "detection-voc07-s0.json").read_text())  # for eval/report.py
+    assert record["eval"] == "detection" and record["metrics"]["AP75"] == result["AP75"]
     assert torch.load(out / "checkpoint.pth", weights_only=True)["iter"] == 2
     tuned = torch.load(out / "detector.pth", weights_only=True)
     # Nothing frozen: every backbone weight moved.
