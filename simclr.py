@@ -10,7 +10,7 @@ from image_a). The NT-Xent loss treats each view's partner as its positive and t
 import torch
 from torch import nn
 
-from common import data, losses, transforms, utils
+from common import data, distributed, losses, transforms, utils
 from common.backbones import build_backbone
 
 # flag: (real data, as in the original publication; embedded world on 2 CPU cores)
@@ -37,6 +37,14 @@ class SimCLR(nn.Module):
         return self.projector(self.backbone(x))
 
 
+def simclr_loss(model, x1, x2, temperature):
+    """NT-Xent of a batch of pairs. Both views go through the network together (BatchNorm over
+    the 2N views, as in SimCLR's code); the embeddings are gathered across processes, so every
+    process's negatives are the whole global batch and the gradients those of one process."""
+    z1, z2 = model(torch.cat([x1, x2])).float().chunk(2)
+    return losses.nt_xent(distributed.gather(z1), distributed.gather(z2), temperature)
+
+
 def main():
     args = utils.resolve_defaults(utils.base_parser("simclr", DEFAULTS).parse_args())
     run = utils.Run(args)
@@ -54,9 +62,7 @@ def main():
         for step, (x1, x2, _) in run.steps(loader, epoch):
             utils.set_lr(optimizer, lr_schedule[step])
             with run.autocast():
-                z1, z2 = model(torch.cat([x1, x2])).float().chunk(2)
-            # Gathering makes every process's negatives the whole global batch.
-            loss = losses.nt_xent(utils.gather(z1), utils.gather(z2), args.temperature)
+                loss = simclr_loss(model, x1, x2, args.temperature)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -87,17 +87,21 @@ def _use_fused(op, tensor, impl):
 
 
 def nt_xent(z1, z2, temperature=0.1, impl="auto"):
-    """NT-Xent (scalar) of two (N, D) batches of embeddings; see nt_xent_reference."""
-    if _use_fused("nt_xent", z1, impl):
-        return torch.ops.sempairs.nt_xent(z1, z2, temperature)[0]
-    return nt_xent_reference(z1, z2, temperature)
+    """NT-Xent (scalar) of two (N, D) batches of embeddings; see nt_xent_reference. Runs in the
+    inputs' precision even under autocast (which would put the similarities in bf16)."""
+    with torch.autocast(z1.device.type, enabled=False):
+        if _use_fused("nt_xent", z1, impl):
+            return torch.ops.sempairs.nt_xent(z1, z2, temperature)[0]
+        return nt_xent_reference(z1, z2, temperature)
 
 
 def vicreg_loss(x, y, sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0, impl="auto"):
-    """VICReg loss (scalar) of two (N, D) batches of embeddings, N >= 2; see vicreg_reference."""
-    if _use_fused("vicreg", x, impl):
-        return torch.ops.sempairs.vicreg(x, y, sim_coeff, std_coeff, cov_coeff)[0]
-    return vicreg_reference(x, y, sim_coeff, std_coeff, cov_coeff)
+    """VICReg loss (scalar) of two (N, D) batches of embeddings, N >= 2; see vicreg_reference.
+    Runs in the inputs' precision even under autocast."""
+    with torch.autocast(x.device.type, enabled=False):
+        if _use_fused("vicreg", x, impl):
+            return torch.ops.sempairs.vicreg(x, y, sim_coeff, std_coeff, cov_coeff)[0]
+        return vicreg_reference(x, y, sim_coeff, std_coeff, cov_coeff)
 
 
 def _no_double_backward(ctx, *grads):

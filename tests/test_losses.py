@@ -234,3 +234,15 @@ def test_cuda_opcheck():
     torch.library.opcheck(torch.ops.sempairs.nt_xent.default, (z1, z2, 0.1))
     x, y = (z.requires_grad_() for z in embeddings(16, 24, dtype=torch.bfloat16, device="cuda"))
     torch.library.opcheck(torch.ops.sempairs.vicreg.default, (x, y, 25.0, 25.0, 1.0))
+
+
+@pytest.mark.parametrize("impl", ["reference", "auto"])
+def test_losses_ignore_autocast(impl):
+    """The scripts compute losses inside the model's autocast region: the losses keep fp32."""
+    g = torch.Generator().manual_seed(0)
+    z1, z2 = torch.randn(16, 64, generator=g), torch.randn(16, 64, generator=g)
+    plain = (losses.nt_xent(z1, z2, 0.1, impl=impl), losses.vicreg_loss(z1, z2, impl=impl))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = (losses.nt_xent(z1, z2, 0.1, impl=impl), losses.vicreg_loss(z1, z2, impl=impl))
+    for a, b in zip(plain, mixed):
+        assert b.dtype == torch.float32 and torch.equal(a, b)
