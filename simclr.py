@@ -48,7 +48,8 @@ def simclr_loss(model, x1, x2, temperature):
 def main():
     args = utils.resolve_defaults(utils.base_parser("simclr", DEFAULTS).parse_args())
     run = utils.Run(args)
-    dataset = data.pretrain_dataset(args, transforms.pair_views("simclr", args.img_size, args.transforms))
+    views = transforms.pair_views("simclr", args.img_size, args.transforms, (args.min_crop_scale, 1.0))
+    dataset = data.pretrain_dataset(args, views)
     loader = run.loader(dataset)
 
     backbone, feat_dim = build_backbone(args.arch, args.img_size)

@@ -13,9 +13,10 @@ ARCHS = ("resnet50", "resnet18", "convnet", "vit_small_patch8")
 
 class ConvNet(nn.Module):
     """Seven 3x3 conv-BN-ReLU layers, width doubling at each of three 2x downsamplings, then
-    global average pooling. About 100x cheaper than ResNet-18 on 32-48 px images."""
+    global average pooling (8 x width features). At width 16 about 1 ms of one CPU core per
+    32-px training view, the embedded world's default backbone."""
 
-    def __init__(self, width=32):
+    def __init__(self, width=16):
         super().__init__()
         widths = [width, width, 2 * width, 2 * width, 4 * width, 4 * width, 8 * width]
         strides = [1, 1, 2, 1, 2, 1, 2]
@@ -30,7 +31,7 @@ class ConvNet(nn.Module):
         return self.features(x).mean(dim=(2, 3))
 
 
-def build_backbone(arch, img_size=224, width=32, drop_path_rate=0.0):
+def build_backbone(arch, img_size=224, width=16, drop_path_rate=0.0):
     """Returns (backbone, feature dimension)."""
     if arch in ("resnet50", "resnet18"):
         model = getattr(torchvision.models, arch)()
@@ -66,6 +67,6 @@ def load_backbone(path, img_size=224):
     """Rebuilds a backbone from its `backbone.pth`; returns (model, feature dimension)."""
     state = torch.load(path, map_location="cpu", weights_only=True)
     arch, width = infer_arch(state)
-    model, dim = build_backbone(arch, img_size, width=width or 32)
+    model, dim = build_backbone(arch, img_size, width=width or 16)
     model.load_state_dict(state, strict=True)
     return model, dim

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from common import data
+from common import data, distributed
 from common.pairs import ManifestError
 from common.transforms import ABLATIONS
 
@@ -24,8 +24,9 @@ from common.transforms import ABLATIONS
 SHARED_DEFAULTS = {
     "arch": ("resnet50", "convnet"),
     "epochs": (200, 30),
-    "batch_size": (256, 256),
+    "batch_size": (256, 128),
     "img_size": (224, 32),
+    "min_crop_scale": (0.08, 0.2),  # a crop of 8% of a 32-px image is a few pixels
     "workers": (8, 1),
     "warmup_epochs": (10, 3),
 }
@@ -45,6 +46,7 @@ def base_parser(method, defaults, prog=None):
     p.add_argument("--arch", choices=("resnet50", "resnet18", "convnet", "vit_small_patch8"))
     p.add_argument("--img-size", type=int)
     p.add_argument("--transforms", choices=ABLATIONS, default="full", help="the paper's augmentation ablations")
+    p.add_argument("--min-crop-scale", type=float, help="smallest area fraction of the random resized crop")
     p.add_argument("--images-per-class", type=int, help="nested subset: the first N pairs of each class")
     p.add_argument("--ap-images", choices=("image_a", "all"), default="image_a",
                    help="augmented pairs from image_a of each pair (matched count) or every unique image")
@@ -121,28 +123,6 @@ def set_lr(optimizer, lr):
         group["lr"] = float(lr)  # a numpy scalar would not load with weights_only=True
 
 
-class _GatherWithGrad(torch.autograd.Function):
-    """all_gather whose backward sums every rank's gradient for our rows, so that after DDP's
-    gradient averaging the parameter gradients equal those of one process on the global batch."""
-
-    @staticmethod
-    def forward(ctx, x):
-        out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(out, x.contiguous())
-        return torch.cat(out)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous()
-        dist.all_reduce(grad)
-        return grad.chunk(dist.get_world_size())[dist.get_rank()]
-
-
-def gather(x):
-    """Concatenates x over all processes (differentiably); x itself when not distributed."""
-    return _GatherWithGrad.apply(x) if dist.is_available() and dist.is_initialized() else x
-
-
 def git_commit():
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -168,13 +148,7 @@ class Run:
 
     def __init__(self, args):
         self.args = args
-        self.rank, self.world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-        self.device = torch.device(args.device)
-        if self.world_size > 1 and not dist.is_initialized():
-            if self.device.type == "cuda":
-                self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-                torch.cuda.set_device(self.device)
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        self.rank, self.world_size, self.device = distributed.init(torch.device(args.device))
         self.main = self.rank == 0
         torch.manual_seed(args.seed)
         random.seed(args.seed)
@@ -201,12 +175,12 @@ class Run:
     def prepare(self, model, sync_bn=True):
         """Moves the model to the device (channels_last on CUDA); under distributed training
         converts BatchNorm to SyncBatchNorm (the recipes' global BN) and wraps it in DDP."""
+        if self.world_size > 1 and sync_bn:
+            model = distributed.convert_sync_batchnorm(model, self.device)
         model = model.to(self.device)
         if self.device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
         if self.world_size > 1:
-            if sync_bn:
-                model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
             model = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         return model

@@ -70,8 +70,8 @@ def main():
     args = utils.resolve_defaults(args)
     run = utils.Run(args)
     # The images and views SimCLR sees on semantic pairs.
-    dataset = data.pretrain_dataset(args, transforms.pair_views("simclr", args.img_size, args.transforms),
-                                    mode="semantic")
+    views = transforms.pair_views("simclr", args.img_size, args.transforms, (args.min_crop_scale, 1.0))
+    dataset = data.pretrain_dataset(args, views, mode="semantic")
     loader = run.loader(dataset)
     backbone, feat_dim = build_backbone(args.arch, args.img_size)
     if kind == "supervised":

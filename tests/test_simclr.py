@@ -33,7 +33,7 @@ def test_simclr_trains_and_writes_its_outputs(tiny_world, tmp_path, pairs):
     assert [r["epoch"] for r in epochs] == [1, 2] and all(0 <= r["knn_top1"] <= 100 for r in epochs)
     assert torch.load(out / "checkpoint.pth", weights_only=True)["epoch"] == 2
     assert json.loads((out / "config.json").read_text())["pairs"] == pairs
-    ConvNet(width=32).load_state_dict(torch.load(out / "backbone.pth", weights_only=True), strict=True)
+    ConvNet().load_state_dict(torch.load(out / "backbone.pth", weights_only=True), strict=True)
 
 
 def test_a_killed_run_resumes_to_the_same_weights(tiny_world, tmp_path):
