@@ -1,0 +1,78 @@
+"""VICReg (Bardes et al., 2022) pretraining on semantic or augmented pairs.
+
+    python vicreg.py --pairs semantic                  # embedded world, CPU-sized defaults
+    python vicreg.py --pairs augmented --data IMAGENET/train --manifest pairs.csv   # paper settings
+
+Each pair gives two views (view 1 of image_a, view 2 of image_b; for augmented pairs both come
+from image_a), embedded by one backbone and expander. The loss pulls the two embeddings together
+(invariance), keeps each dimension's standard deviation over the batch above 1 (variance) and
+decorrelates the dimensions (covariance); the embeddings are gathered from all processes first,
+so variance and covariance are those of the global batch. LARS, warm-up, cosine to lr / 1000.
+"""
+from torch import nn
+
+from common import data, distributed, losses, transforms, utils
+from common.backbones import build_backbone
+from common.monitor import embedding_std
+
+# flag: (real data, as in the original publication; embedded world on 2 CPU cores)
+DEFAULTS = {
+    "lr": (0.2, 0.2),  # scaled by batch / 256
+    "weight_decay": (1e-6, 1e-6),
+    "expander": ("8192-8192-8192", "1024-1024-1024"),  # 8192 wide is 3x the CPU convnet's compute
+    "sim_coeff": (25.0, 25.0),
+    "std_coeff": (25.0, 25.0),
+    "cov_coeff": (1.0, 1.0),
+}
+
+
+class VICReg(nn.Module):
+    """Backbone plus expander: (Linear-BN-ReLU) for every hidden width, then a Linear without bias."""
+
+    def __init__(self, backbone, feat_dim, expander):
+        super().__init__()
+        self.backbone = backbone
+        dims = [feat_dim] + [int(d) for d in expander.split("-")]
+        layers = []
+        for d_in, d_out in zip(dims[:-2], dims[1:-1]):
+            layers += [nn.Linear(d_in, d_out), nn.BatchNorm1d(d_out), nn.ReLU(inplace=True)]
+        self.expander = nn.Sequential(*layers, nn.Linear(dims[-2], dims[-1], bias=False))
+
+    def forward(self, x1, x2):
+        # One pass per view, so BatchNorm normalises each view over its own batch, as VICReg's code does.
+        return self.expander(self.backbone(x1)), self.expander(self.backbone(x2))
+
+
+def main():
+    args = utils.resolve_defaults(utils.base_parser("vicreg", DEFAULTS).parse_args())
+    run = utils.Run(args)
+    views = transforms.pair_views("vicreg", args.img_size, args.transforms, (args.min_crop_scale, 1.0))
+    dataset = data.pretrain_dataset(args, views)
+    loader = run.loader(dataset)
+
+    backbone, feat_dim = build_backbone(args.arch, args.img_size)
+    model = run.prepare(VICReg(backbone, feat_dim, args.expander))
+    optimizer = utils.LARS(utils.param_groups(model, args.weight_decay))
+    base_lr = args.lr * args.batch_size / 256
+    lr_schedule = utils.cosine_schedule(base_lr, base_lr / 1000, args.epochs, len(loader), args.warmup_epochs)
+    start_epoch = run.resume(model=model, optimizer=optimizer)
+
+    for epoch in range(start_epoch, args.epochs):
+        for step, (x1, x2, _) in run.steps(loader, epoch):
+            utils.set_lr(optimizer, lr_schedule[step])
+            with run.autocast():
+                z1, z2 = model(x1, x2)
+            # Gathered with gradient: each process's loss is the global-batch loss, and after DDP's
+            # averaging the gradients are those of one process seeing the whole batch.
+            loss = losses.vicreg_loss(distributed.gather(z1.float()), distributed.gather(z2.float()),
+                                      args.sim_coeff, args.std_coeff, args.cov_coeff)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            run.log(loss, lr=lr_schedule[step], embedding_std=embedding_std(z1))
+        run.end_epoch(epoch, run.unwrap(model).backbone, model=model, optimizer=optimizer)
+    run.finish(run.unwrap(model).backbone)
+
+
+if __name__ == "__main__":
+    utils.run_main(main)
