@@ -6,13 +6,18 @@
         --imagenet IMAGENET/train --manifest pairs.csv --downstream DATA \\
         --partition gpu --gpus-per-node 8 --time 4320 --array-parallelism 16 --account ACC
     python -m eval.study --preset paper --list                            # show the cells
+    python -m eval.study --preset embedded --cells 'simclr-*' --epochs 10 --world num_classes=20 \\
+        --train-args="--workers 4" --out runs/small                      # a smaller study
 
 A study is a set of cells. A cell is one pretraining run (a method script, or a baseline of
 eval/baselines.py) in OUT/<cell>/ and the evaluations of its backbone, each writing one result
 JSON under OUT/<cell>/results/. Everything is idempotent: a cell whose backbone.pth exists is not
 trained again, an evaluation whose result exists is not run again, and training always passes
---resume, so an interrupted cell continues from its last checkpoint. At the end the study folder
-is turned into the paper's tables and figures (eval/report.py) in OUT/report/.
+--resume, so an interrupted cell continues from its last checkpoint. A cell's name states what
+sets it apart (method, pairs, settings, seed), not study-wide flags (--world, --train-args): a
+study with other such flags needs its own --out. OUT/<cell>/cell.json records the commands and
+the git commit of the last run that had work to do. At the end the study folder is turned into
+the paper's tables and figures (eval/report.py) in OUT/report/.
 
 Executors: `local` runs each command as a subprocess, one after another; `debug` runs them in
 this process (for tests and debuggers); `slurm` submits the unfinished pretraining runs as one
@@ -23,9 +28,11 @@ import argparse
 import json
 import os
 import runpy
+import shlex
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from fnmatch import fnmatch
 from pathlib import Path
 
 from common.utils import git_commit
@@ -85,10 +92,12 @@ def cell_name(method, pairs, seed, settings):
     return "-".join(parts + [f"s{seed}"])
 
 
-def cell(method, pairs, seed, evals, data_flags=(), **settings):
+def cell(method, pairs, seed, evals, data_flags=(), world=(), **settings):
     """A cell; `settings` are training flags (images_per_class=50 -> --images-per-class 50) and
-    world settings (world_background_strength=0.8 -> --world background_strength=0.8)."""
-    flags, world = list(data_flags), []
+    world settings (world_background_strength=0.8 -> --world background_strength=0.8), named in
+    the cell's name; `data_flags` and `world` (KEY=VALUE, overridden by the world settings) are
+    passed as they are."""
+    flags, world = list(data_flags), list(world)
     for key, value in settings.items():
         if key.startswith("world_"):
             world.append(f"{key[6:]}={value}")
@@ -112,23 +121,29 @@ def probe(dataset, data_root=None, crop="center", **extra):
     return f"linear-{dataset}{'-' + suffix if suffix else ''}-{crop}.json", cmd
 
 
-def embedded_evals():
+def embedded_evals(world=()):
+    """Linear probes on both transfer splits; invariance on 5 counterfactual instances per class
+    (eval.invariance's default of 500 on the default 100-class world)."""
+    from common.data import world_config
+
     evals = dict(probe("embedded", split=split) for split in ("seen", "unseen"))
-    evals["invariance.json"] = ["-m", "eval.invariance", "--checkpoint", "{run}/backbone.pth", "--out", "{result}"]
+    evals["invariance.json"] = ["-m", "eval.invariance", "--checkpoint", "{run}/backbone.pth",
+                                "--n", str(5 * world_config(world).num_classes), "--out", "{result}"]
     return evals
 
 
-def embedded_matrix(methods, seeds, epochs=None, **settings):
+def embedded_matrix(methods, seeds, **settings):
     """SP and AP for each method, plus the supervised ceiling and the random-init floor."""
-    extra = {"epochs": epochs} if epochs else {}
-    cells = [cell(m, p, s, embedded_evals(), **extra, **settings) for m in methods for p in PAIRS for s in seeds]
-    cells += [cell(b, None, s, embedded_evals(), **extra, **settings) for b in ("supervised", "random") for s in seeds]
+    evals = embedded_evals(settings.get("world", ()))
+    cells = [cell(m, p, s, evals, **settings) for m in methods for p in PAIRS for s in seeds]
+    cells += [cell(b, None, s, evals, **settings) for b in ("supervised", "random") for s in seeds]
     return cells
 
 
 def paper_presets(a):
     """The paper's experiments on ImageNet subsets (ResNet-50, batch 256, 200 epochs by default)."""
     data = ("--data", a.imagenet, "--manifest", a.manifest) if a.imagenet else ()
+    data += tuple(shlex.split(a.train_args))
     down = a.downstream
 
     transfer = dict(probe(d, down) for d in ("stl10", "cifar10", "cifar100"))
@@ -160,23 +175,43 @@ def paper_presets(a):
 def presets(a):
     table = paper_presets(a)
     table["paper"] = [c for name in list(table) for c in table[name]]
-    table["embedded"] = embedded_matrix(METHODS, a.seeds)
-    table["embedded-quick"] = embedded_matrix(("simclr", "byol"), a.seeds)
-    table["embedded-nuisance"] = [c for s in (0.2, 0.5, 0.8)
-                                  for c in embedded_matrix(("simclr",), a.seeds, world_background_strength=s)]
+    study = dict(data_flags=shlex.split(a.train_args), world=a.world or ())
+    if a.epochs:
+        study["epochs"] = a.epochs
+    table["embedded"] = embedded_matrix(METHODS, a.seeds, **study)
+    table["embedded-quick"] = embedded_matrix(("simclr", "byol"), a.seeds, **study)
+    table["embedded-nuisance"] = [c for strength in (0.2, 0.5, 0.8) for c in embedded_matrix(
+        ("simclr",), a.seeds, world_background_strength=strength, **study)]
     return table
 
 
+EMBEDDED = ("embedded", "embedded-quick", "embedded-nuisance")
+
+
 def select(cells):
-    """Cells by name, first occurrence kept (presets share cells, e.g. SimCLR at 200 epochs)."""
-    return list({c.name: c for c in reversed(cells)}.values())[::-1]
+    """The cells by name, in order of first appearance. Presets share cells (SimCLR at 200 epochs
+    is in Figure 4 and Tables 1, 2, 4 and 5): one cell runs the evaluations of all of them."""
+    merged = {}
+    for c in cells:
+        if c.name not in merged:
+            merged[c.name] = c
+        elif merged[c.name].train != c.train:
+            raise ValueError(f"two cells named {c.name} train differently")
+        else:
+            merged[c.name] = replace(merged[c.name], evals={**merged[c.name].evals, **c.evals})
+    return list(merged.values())
 
 
 # ---------------------------------------------------------------- executors
 
 def run_local(cells, root, in_process=False):
+    """Runs what is left of each cell, one command after another; commands run in the repository
+    root, so the study folder is made absolute."""
+    root = Path(root).resolve()
     for c in cells:
-        c.folder(root).mkdir(parents=True, exist_ok=True)
+        if not c.commands(root):
+            print(f"[{c.name}] done", flush=True)
+            continue
         write_cell_record(c, root)
         for cmd in c.commands(root):
             print(f"[{c.name}] python {' '.join(cmd)}", flush=True)
@@ -205,6 +240,7 @@ def run_in_process(cmd):
 
 
 def write_cell_record(c, root):
+    c.folder(root).mkdir(parents=True, exist_ok=True)
     record = {"name": c.name, "train": list(c.train), "evals": c.evals, "git_commit": git_commit()}
     (c.folder(root) / "cell.json").write_text(json.dumps(record, indent=2) + "\n")
 
@@ -247,10 +283,11 @@ def run_slurm(cells, root, a, executor_factory=None):
     """Submits the pending work; returns (training jobs, evaluation jobs) by cell name."""
     import submitit
 
-    factory = executor_factory or (lambda: submitit.AutoExecutor(folder=Path(root) / "slurm"))
+    root = Path(root).resolve()
+    factory = executor_factory or (lambda: submitit.AutoExecutor(folder=root / "slurm"))
     for c in cells:
-        c.folder(root).mkdir(parents=True, exist_ok=True)
-        write_cell_record(c, root)
+        if c.commands(root):
+            write_cell_record(c, root)
     to_train = [c for c in cells if not c.trained(root)]
     train_jobs = {}
     if to_train:
@@ -273,7 +310,8 @@ def run_slurm(cells, root, a, executor_factory=None):
 
 # ---------------------------------------------------------------- command line
 
-def main(argv=None):
+def parse_args(argv=None):
+    """(flags, the preset's cells to run, study folder)."""
     p = argparse.ArgumentParser(prog="python -m eval.study", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", required=True, help="embedded, embedded-quick, embedded-nuisance, figure4, "
@@ -281,11 +319,19 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="study folder")
     p.add_argument("--executor", choices=("local", "debug", "slurm"), default="local")
     p.add_argument("--seeds", type=int, nargs="+", help="pretraining seeds (default 0 1 2; embedded-quick: 0)")
+    p.add_argument("--cells", nargs="+", metavar="PATTERN",
+                   help="only the preset's cells whose names match one of these shell patterns, e.g. 'simclr-*'")
+    p.add_argument("--train-args", default="", metavar="FLAGS",
+                   help='flags added to every pretraining command, e.g. --train-args="--workers 4 --batch-size 64"')
     p.add_argument("--list", action="store_true", help="print the cells and what is left to do, then stop")
+    embedded = p.add_argument_group("embedded presets")
+    embedded.add_argument("--epochs", type=int, help="pretraining epochs (default: the scripts' default on the world)")
+    embedded.add_argument("--world", nargs="+", metavar="KEY=VALUE", help="world settings, e.g. num_classes=20")
     real = p.add_argument_group("real data (paper presets)")
     real.add_argument("--imagenet", help="ImageNet train folder (ImageFolder layout)")
     real.add_argument("--manifest", help="semantic-pairs manifest (python -m common.pairs build)")
-    real.add_argument("--downstream", default="data", help="root holding stl10_binary/, cifar-10-batches-py/, cifar-100-python/")
+    real.add_argument("--downstream", default="data",
+                      help="root holding stl10_binary/, cifar-10-batches-py/, cifar-100-python/")
     real.add_argument("--voc-root", default="data", help="root holding VOCdevkit/ (Table 2)")
     slurm = p.add_argument_group("slurm")
     slurm.add_argument("--partition")
@@ -298,13 +344,28 @@ def main(argv=None):
     slurm.add_argument("--array-parallelism", type=int, default=16)
     a = p.parse_args(argv)
     a.seeds = a.seeds or ([0] if a.preset == "embedded-quick" else [0, 1, 2])
+    # Commands run in the repository root: paths given relative to here are made absolute.
+    for name in ("imagenet", "manifest", "downstream", "voc_root"):
+        if getattr(a, name):
+            setattr(a, name, os.path.abspath(getattr(a, name)))
     table = presets(a)
     if a.preset not in table:
         p.error(f"unknown preset {a.preset!r}; choose from {', '.join(table)}")
-    if a.preset not in ("embedded", "embedded-quick", "embedded-nuisance") and not (a.imagenet and a.manifest) \
-            and not a.list:
-        p.error("the paper's presets train on ImageNet: give --imagenet and --manifest")
-    cells, root = select(table[a.preset]), Path(a.out)
+    if a.preset not in EMBEDDED:
+        if a.epochs or a.world:
+            p.error("--epochs and --world apply to the embedded presets; the paper's set their own epochs")
+        if not (a.imagenet and a.manifest) and not a.list:
+            p.error("the paper's presets train on ImageNet: give --imagenet and --manifest")
+    cells, root = select(table[a.preset]), Path(a.out).resolve()
+    if a.cells:
+        cells = [c for c in cells if any(fnmatch(c.name, pattern) for pattern in a.cells)]
+        if not cells:
+            p.error(f"no cell of {a.preset} matches {' '.join(a.cells)} (--list shows them)")
+    return a, cells, root
+
+
+def main(argv=None):
+    a, cells, root = parse_args(argv)
     if a.list:
         for c in cells:
             left = len(c.commands(root))

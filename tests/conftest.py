@@ -6,6 +6,11 @@ from pathlib import Path
 
 import pytest
 
+# One thread per process (subprocesses inherit it): on 2 shared cores, two spinning OpenMP threads
+# per process made small forward passes 30x slower while other work ran (tests set more where they
+# test threading).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 REPO = Path(__file__).resolve().parents[1]
 
 # Everything the tests generate goes to a temporary cache, never the user's.

@@ -1,0 +1,252 @@
+"""The study runner (eval/study.py) on a tiny matrix: SimCLR on semantic and augmented pairs,
+2 epochs on the tiny world, through the debug (in-process) and local (subprocess) executors, a
+cell interrupted midway and resumed, finished cells skipped, and the SLURM submission checked
+against a fake submitit executor.
+
+The matrix runs once per module (in-process, interrupted once); the local executor completes a
+copy of the finished study that lost one result, so that it starts a single subprocess (each one
+spends seconds importing torch). The tiny networks run on one thread: on busy cores, two OpenMP
+threads wait on each other many times longer than the work takes."""
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from contextlib import redirect_stderr, redirect_stdout
+from types import SimpleNamespace
+
+import pytest
+import submitit
+import torch
+
+from common import utils
+from eval import report, study
+from eval.features import file_digest
+from tests.conftest import REPO, TINY_WORLD
+
+CELLS = {"semantic": "simclr-semantic-epochs2-s0", "augmented": "simclr-augmented-epochs2-s0"}
+TINY_STUDY = ["--preset", "embedded-quick", "--cells", "simclr-*", "--epochs", "2", "--world", *TINY_WORLD,
+              "--train-args=--batch-size 8 --workers 0 --log-every 1"]
+STEPS_PER_EPOCH = 4  # 32 pairs / batch 8
+
+
+class Killed(BaseException):
+    """Stands for a kill: no `except Exception` of the scripts stops it."""
+
+
+def run_study(*args):
+    """eval.study's main in this process; returns what it printed (stdout and stderr)."""
+    out = io.StringIO()
+    with redirect_stdout(out), redirect_stderr(out):
+        study.main([*TINY_STUDY, *map(str, args)])
+    return out.getvalue()
+
+
+def read_log(folder):
+    return [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def tiny_study(tmp_path_factory, tiny_world):
+    """The tiny study through the debug executor, first killed right after the first cell's first
+    checkpoint, then rerun to the end. Returns its folder, a copy of the folder as the kill left
+    it, and the output of the rerun."""
+    root = tmp_path_factory.mktemp("study")
+    end_epoch = utils.Run.end_epoch
+
+    def end_epoch_then_die(run, *args, **kwargs):
+        end_epoch(run, *args, **kwargs)
+        raise Killed
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(utils.Run, "end_epoch", end_epoch_then_die)
+            with pytest.raises(Killed):
+                run_study("--executor", "debug", "--out", root)
+        killed = tmp_path_factory.mktemp("killed") / "study"
+        shutil.copytree(root, killed)
+        output = run_study("--executor", "debug", "--out", root)
+    finally:
+        torch.set_num_threads(threads)
+    return SimpleNamespace(root=root, killed=killed, output=output)
+
+
+def test_debug_executor_runs_the_matrix_and_reports_it(tiny_study):
+    root = tiny_study.root
+    accuracy = {}
+    for pairs, name in CELLS.items():
+        folder = root / name
+        record = json.loads((folder / "cell.json").read_text())
+        assert record["git_commit"] == utils.git_commit()
+        assert record["train"][:3] == ["simclr.py", "--pairs", pairs]
+        config = json.loads((folder / "config.json").read_text())
+        assert [config[k] for k in ("method", "pairs", "epochs", "world")] == ["simclr", pairs, 2, TINY_WORLD]
+        assert config["git_commit"] == record["git_commit"]
+        assert (folder / "backbone.pth").is_file()
+        results = {p.name: json.loads(p.read_text()) for p in (folder / "results").iterdir()}
+        assert results.keys() == study.embedded_evals(TINY_WORLD).keys()
+        for result in results.values():
+            assert result["schema"] == report.SCHEMA and result["checkpoint"] == str(folder / "backbone.pth")
+            assert (result["pairs"], result["epochs"]) == (pairs, 2)
+        assert results["invariance.json"]["protocol"]["n"] == 5 * 4  # 5 instances per class of the 4
+        accuracy[pairs] = {split: results[f"linear-embedded-{split}-center.json"]["accuracy"]
+                           for split in ("seen", "unseen")}
+
+    # The report of the study folder: the Figure 4 table with delta = SP - AP, and its PNG.
+    out = root / "report"
+    assert "Figure 4 layout: linear accuracy" in (out / "report.md").read_text()
+    assert (out / "figure4-linear.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = [line.split(",") for line in (out / "results.csv").read_text().splitlines()]
+    deltas = {row[2]: float(row[4]) for row in rows if row[0] == "figure4-linear" and row[3] == "delta"}
+    assert deltas.keys() == {"embedded-seen", "embedded-unseen"}
+    for split in ("seen", "unseen"):
+        assert deltas[f"embedded-{split}"] == pytest.approx(accuracy["semantic"][split] - accuracy["augmented"][split])
+
+
+def test_a_killed_cell_resumes_from_its_checkpoint(tiny_study):
+    killed = tiny_study.killed / CELLS["semantic"]
+    assert torch.load(killed / "checkpoint.pth", weights_only=True)["epoch"] == 1
+    assert not (killed / "backbone.pth").exists() and not (tiny_study.killed / CELLS["augmented"]).exists()
+
+    folder = tiny_study.root / CELLS["semantic"]
+    assert f"resumed from {folder / 'checkpoint.pth'}" in tiny_study.output
+    assert tiny_study.output.count("resumed from") == 1  # the other cell started afresh
+    log = read_log(folder)
+    # One record per step and per epoch: a run started again from scratch would repeat epoch 1.
+    assert [r["step"] for r in log if "step" in r] == list(range(2 * STEPS_PER_EPOCH))
+    assert [r["epoch"] for r in log if "step" not in r] == [1, 2]
+    assert (folder / "backbone.pth").is_file()
+
+
+def test_a_rerun_skips_finished_cells(tiny_study):
+    root = tiny_study.root
+    files = {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file() and "report" not in p.parts}
+    output = run_study("--executor", "debug", "--out", root)
+    assert f"[{CELLS['semantic']}] done" in output and f"[{CELLS['augmented']}] done" in output
+    assert "] python " not in output  # no command ran
+    assert {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file() and "report" not in p.parts} == files
+    listing = run_study("--out", root, "--list").splitlines()
+    assert len(listing) == 2 and all(line.endswith(" done") for line in listing)
+
+
+def test_local_executor_runs_what_is_left_in_subprocesses(tiny_study, tmp_path, capfd, monkeypatch):
+    # The finished study with one result lost: the local executor runs just that evaluation.
+    root = tmp_path / "study"
+    shutil.copytree(tiny_study.root, root, ignore=shutil.ignore_patterns("report"))
+    folder, probe = root / CELLS["semantic"], "linear-embedded-seen-center.json"
+    (folder / "results" / probe).unlink()
+    calls = []
+    run = subprocess.run
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kwargs: calls.append((cmd, kwargs)) or run(cmd, **kwargs))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    run_study("--executor", "local", "--out", root)
+
+    pythons = [(cmd, kwargs) for cmd, kwargs in calls if cmd[0] == sys.executable]  # not git's
+    assert [cmd[:3] for cmd, _ in pythons] == [[sys.executable, "-m", "eval.linear_probe"]]
+    assert pythons[0][1]["cwd"] == REPO
+    assert f'"out": "{folder / "results" / probe}"' in capfd.readouterr().out  # printed by the subprocess
+    result = json.loads((folder / "results" / probe).read_text())
+    assert result["checkpoint_sha256"] == file_digest(folder / "backbone.pth")
+    assert json.loads((folder / "cell.json").read_text())["git_commit"] == utils.git_commit()
+
+    rows = [line.split(",") for line in (root / "report" / "results.csv").read_text().splitlines()]
+    seen = {row[3]: float(row[4]) for row in rows if row[:3] == ["figure4-linear", "simclr", "embedded-seen"]}
+    assert seen["delta"] == pytest.approx(seen["SP"] - seen["AP"]) and seen["SP"] == pytest.approx(result["accuracy"])
+    assert (root / "report" / "figure4-linear.png").is_file()
+
+
+class FakeExecutor:
+    """Records what run_slurm submits. A real submitit executor (the debug cluster, which needs
+    no SLURM) checks the parameter names; job ids count up from 100 as SLURM's would."""
+
+    def __init__(self, folder, executors):
+        self.real, self.params, self.tasks = submitit.AutoExecutor(folder=folder, cluster="debug"), {}, []
+        self.job_id = str(100 + len(executors))
+        executors.append(self)
+
+    def update_parameters(self, **params):
+        self.real.update_parameters(**params)
+        self.params.update(params)
+
+    def submit_array(self, tasks):
+        self.tasks = list(tasks)
+        return [SimpleNamespace(job_id=f"{self.job_id}_{i}") for i in range(len(tasks))]
+
+    def submit(self, task):
+        self.tasks = [task]
+        return SimpleNamespace(job_id=self.job_id)
+
+
+def test_slurm_submits_checkpointable_arrays_and_dependent_evaluations(tmp_path):
+    a, cells, root = study.parse_args([
+        "--preset", "figure4", "--seeds", "0", "--out", str(tmp_path / "study"), "--executor", "slurm",
+        "--imagenet", "imagenet/train", "--manifest", "pairs.csv", "--partition", "gpu", "--account", "lab",
+        "--gpus-per-node", "4", "--nodes", "2", "--eval-gpus", "1", "--cpus-per-task", "6", "--time", "600",
+        "--array-parallelism", "3"])
+    assert len(cells) == 8  # 4 methods x SP/AP
+    by_name = {c.name: c for c in cells}
+    # simclr-semantic is trained (its evaluations are not run yet), vicreg-augmented is finished.
+    for name in ("simclr-semantic-s0", "vicreg-augmented-s0"):
+        (root / name).mkdir(parents=True)
+        (root / name / "backbone.pth").touch()
+    (root / "vicreg-augmented-s0" / "results").mkdir()
+    for result in by_name["vicreg-augmented-s0"].evals:
+        (root / "vicreg-augmented-s0" / "results" / result).touch()
+
+    executors = []
+    train_jobs, eval_jobs = study.run_slurm(cells, root, a, lambda: FakeExecutor(tmp_path / "logs", executors))
+
+    array, evaluations = executors[0], executors[1:]
+    to_train = [c.name for c in cells if c.name not in ("simclr-semantic-s0", "vicreg-augmented-s0")]
+    assert [t.cell.name for t in array.tasks] == to_train and list(train_jobs) == to_train
+    assert all(t.stage == "train" for t in array.tasks)
+    assert array.params.items() >= dict(slurm_partition="gpu", slurm_account="lab", nodes=2, gpus_per_node=4,
+                                        tasks_per_node=4, cpus_per_task=6, timeout_min=600,
+                                        slurm_array_parallelism=3).items()
+    train = array.tasks[0].cell.train_commands(root)[0]
+    assert train[train.index("--data") + 1] == os.path.abspath("imagenet/train")  # commands run in the repository
+    assert train[-3:] == ["--out", str(root / to_train[0]), "--resume"]
+
+    assert list(eval_jobs) == [c.name for c in cells if c.name != "vicreg-augmented-s0"]
+    for executor in evaluations:
+        (task,) = executor.tasks
+        assert task.stage == "eval"
+        assert executor.params.items() >= dict(slurm_partition="gpu", slurm_account="lab", nodes=1, gpus_per_node=1,
+                                               tasks_per_node=1, timeout_min=600).items()
+        dependency = executor.params.get("slurm_additional_parameters", {}).get("dependency")
+        if task.cell.name == "simclr-semantic-s0":
+            assert dependency is None
+        else:  # after its own task of the array
+            assert dependency == f"afterok:{array.job_id}_{to_train.index(task.cell.name)}"
+
+    # Checkpointable: on preemption or timeout submitit requeues the same stage of the same cell.
+    for task in (array.tasks[0], evaluations[0].tasks[0]):
+        requeued = task.checkpoint()
+        assert isinstance(requeued, submitit.helpers.DelayedSubmission)
+        assert (requeued.function.cell, requeued.function.stage) == (task.cell, task.stage)
+
+    # A rerun once everything is done submits nothing.
+    for c in cells:
+        (root / c.name / "backbone.pth").touch()
+        (root / c.name / "results").mkdir(exist_ok=True)
+        for result in c.evals:
+            (root / c.name / "results" / result).touch()
+    executors.clear()
+    assert study.run_slurm(cells, root, a, lambda: FakeExecutor(tmp_path / "logs", executors)) == ({}, {})
+    assert executors == []
+
+
+def test_presets_sharing_a_cell_run_all_their_evaluations(tmp_path):
+    a, cells, _ = study.parse_args(["--preset", "paper", "--seeds", "0", "--out", str(tmp_path), "--list"])
+    assert len({c.name for c in cells}) == len(cells)
+    merged = {c.name: c for c in cells}["simclr-semantic-s0"]
+    expected = {}
+    for name, preset in study.paper_presets(a).items():
+        for c in preset:
+            if c.name == "simclr-semantic-s0":
+                expected.update(c.evals)
+    assert merged.evals == expected
+    assert {"linear-cifar100-center.json", "detection-voc07.json", "linear-stl10-random.json"} <= expected.keys()
