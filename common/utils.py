@@ -2,6 +2,7 @@
 one `Run` object for device, output folder, log, progress bar, checkpoints and the kNN
 monitor, distributed helpers, LARS and per-iteration schedules."""
 import argparse
+import functools
 import json
 import math
 import os
@@ -23,12 +24,12 @@ from common.transforms import ABLATIONS
 # Shared controls, identical for every method: (real data as in the paper, embedded world on 2 CPU cores).
 SHARED_DEFAULTS = {
     "arch": ("resnet50", "convnet"),
-    "epochs": (200, 30),
+    "epochs": (200, 15),
     "batch_size": (256, 128),
     "img_size": (224, 32),
     "min_crop_scale": (0.08, 0.2),  # a crop of 8% of a 32-px image is a few pixels
     "workers": (8, 1),
-    "warmup_epochs": (10, 3),
+    "warmup_epochs": (10, 2),
 }
 
 
@@ -55,22 +56,28 @@ def base_parser(method, defaults, prog=None):
     p.add_argument("--workers", type=int, help="data-loading processes")
     p.add_argument("--out", help="output folder (default: runs/<method>-<pairs>-s<seed>)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pth if it exists")
+    p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
+                   help="also checkpoint every N steps within an epoch (default 0: at epoch ends only)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the networks")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--eval-every", type=int, default=10, help="kNN monitor every N epochs (and at the end)")
     p.add_argument("--log-every", type=int, default=10, help="log a JSON line every N steps")
     for flag, (real, _) in defaults.items():
         p.add_argument("--" + flag.replace("_", "-"), type=type(real), default=None,
+                       choices=list(OPTIMIZERS) if flag == "optimizer" else None,
                        help=f"default {real} on real data, {defaults[flag][1]} on the embedded world")
     p.set_defaults(method=method, method_defaults=defaults)
     return p
 
 
-def resolve_defaults(args):
-    """Fills unset flags with the real-data or embedded-world default."""
+def resolve_defaults(args, real_data=None):
+    """Fills unset flags with the real-data default (by default when --data is given) or the
+    embedded-world one."""
+    real_data = bool(args.data) if real_data is None else real_data
     table = {**SHARED_DEFAULTS, **args.method_defaults}
     for flag, (real, world) in table.items():
         if getattr(args, flag) is None:
-            setattr(args, flag, real if args.data else world)
+            setattr(args, flag, real if real_data else world)
     del args.method_defaults
     args.out = args.out or f"runs/{args.method}-{args.pairs}-s{args.seed}"
     return args
@@ -118,6 +125,10 @@ class LARS(torch.optim.Optimizer):
                 p.add_(buf, alpha=-group["lr"])
 
 
+# Per-method `--optimizer` choices; each script's DEFAULTS names its publication's and the world's.
+OPTIMIZERS = {"lars": LARS, "adamw": torch.optim.AdamW, "sgd": functools.partial(torch.optim.SGD, momentum=0.9)}
+
+
 def set_lr(optimizer, lr):
     for group in optimizer.param_groups:
         group["lr"] = float(lr)  # a numpy scalar would not load with weights_only=True
@@ -142,6 +153,46 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
+def all_finite(state):
+    """Whether every floating-point tensor in a (nested) state dict is finite."""
+    def tensors(obj):
+        if isinstance(obj, torch.Tensor):
+            yield obj
+        elif isinstance(obj, dict):
+            for value in obj.values():
+                yield from tensors(value)
+        elif isinstance(obj, (list, tuple)):
+            for value in obj:
+                yield from tensors(value)
+
+    flags = {}  # per device (an optimizer's step counts live on the CPU): one sync for each
+    for t in tensors(state):
+        if t.is_floating_point():
+            flags.setdefault(t.device, []).append(torch.isfinite(t).all())
+    return all(bool(torch.stack(f).all()) for f in flags.values())
+
+
+def rng_state(device):
+    """The global random states (torch, CUDA, Python, NumPy) in types torch.load(weights_only=True) reads."""
+    np_state = np.random.get_state(legacy=False)
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": {"key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+                       "pos": np_state["state"]["pos"], "has_gauss": np_state["has_gauss"], "gauss": np_state["gauss"]}}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state["torch"].cpu())
+    random.setstate(state["python"])
+    numpy = state["numpy"]
+    np.random.set_state({"bit_generator": "MT19937", "has_gauss": numpy["has_gauss"], "gauss": numpy["gauss"],
+                         "state": {"key": numpy["key"].cpu().numpy().astype(np.uint32), "pos": numpy["pos"]}})
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
+
+
 class Run:
     """One training run: device, processes, output folder, JSON-lines log, progress bar,
     checkpoints, the kNN monitor and the final backbone.pth."""
@@ -156,6 +207,10 @@ class Run:
         self.out.mkdir(parents=True, exist_ok=True)
         self.checkpoint_path = self.out / "checkpoint.pth"
         self.step, self.epoch = 0, 0
+        self._objects = {}  # what checkpoints hold: the objects given to resume() and end_epoch()
+        self._resume_at = (0, 0)  # (epoch, batches of it already done)
+        self._last_checkpoint = "none written yet"
+        self._losses = []
         self._monitor = None
         if self.main:
             config = {k: v for k, v in vars(args).items()}
@@ -174,7 +229,8 @@ class Run:
 
     def prepare(self, model, sync_bn=True):
         """Moves the model to the device (channels_last on CUDA); under distributed training
-        converts BatchNorm to SyncBatchNorm (the recipes' global BN) and wraps it in DDP."""
+        converts BatchNorm to SyncBatchNorm (the recipes' global BN) and wraps it in DDP; with
+        --compile, compiles it (`unwrap` gives back the plain module, for state dicts)."""
         if self.world_size > 1 and sync_bn:
             model = distributed.convert_sync_batchnorm(model, self.device)
         model = model.to(self.device)
@@ -183,25 +239,37 @@ class Run:
         if self.world_size > 1:
             model = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if getattr(self.args, "compile", False):  # (eval/detection.py's parser has no --compile)
+            model = torch.compile(model)
         return model
 
     @staticmethod
     def unwrap(model):
+        model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
         return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
     def autocast(self):
         return torch.autocast(self.device.type, torch.bfloat16, enabled=self.device.type == "cuda")
 
     def steps(self, loader, epoch):
-        """Yields (global step, batch on the device) for one epoch, with progress and throughput."""
-        self.epoch = epoch
-        self.sampler.set_epoch(epoch)
+        """Yields (global step, batch on the device) for one epoch, with progress and throughput;
+        after a mid-epoch resume, from the batch after the checkpoint's."""
+        if self.args.checkpoint_every and not self._objects:
+            raise RuntimeError("--checkpoint-every needs the objects to save: pass them to run.resume()")
+        start = self._resume_at[1] if epoch == self._resume_at[0] else 0
+        self.epoch, self.steps_per_epoch = epoch, len(loader)
+        self.sampler.set_epoch(epoch, start)
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{self.args.epochs}", disable=not self.main,
-                   leave=False, dynamic_ncols=True)
-        self._tick, self._images, self._losses = time.perf_counter(), 0, []
-        for i, batch in enumerate(bar):
-            self.step = epoch * len(loader) + i
-            batch = [b.to(self.device, non_blocking=True) for b in batch]
+                   initial=start, total=len(loader), leave=False, dynamic_ncols=True)
+        self._tick, self._images = time.perf_counter(), 0
+        if start == 0:
+            self._losses = []  # else: the epoch's losses before the checkpoint, restored by resume()
+        # channels_last images for the channels_last model on CUDA; labels stay as they are
+        image_format = torch.channels_last if self.device.type == "cuda" else torch.preserve_format
+        for i, batch in enumerate(bar, start):
+            self.step, self._batches_done = epoch * len(loader) + i, i + 1
+            batch = [b.to(self.device, non_blocking=True, memory_format=image_format if b.ndim == 4
+                          else torch.preserve_format) for b in batch]
             self._images += 2 * len(batch[0]) * self.world_size
             yield self.step, batch
             if self._losses:
@@ -211,13 +279,17 @@ class Run:
         return self._images / max(time.perf_counter() - self._tick, 1e-9)
 
     def log(self, loss, **metrics):
-        """Records a step's loss (stopping the run if it is not finite) and logs every few steps."""
+        """Records a step's loss (stopping the run if it is not finite), checkpoints every
+        --checkpoint-every steps (the epoch's last step is left to end_epoch) and logs every few steps.
+        Call it once the step is complete (after the optimizer and any EMA update)."""
         loss = loss.item()
         if not math.isfinite(loss):
-            last = self.checkpoint_path if self.checkpoint_path.exists() else "none written yet"
             raise NonFiniteLoss(f"loss is {loss} at epoch {self.epoch + 1}, step {self.step}; "
-                                f"last good checkpoint: {last}")
+                                f"last good checkpoint: {self._last_checkpoint}")
         self._losses.append(loss)
+        every = self.args.checkpoint_every
+        if every and (self.step + 1) % every == 0 and self._batches_done < self.steps_per_epoch:
+            self.checkpoint(self.epoch, self._batches_done, self._objects)
         if self.step % self.args.log_every == 0:
             self.write_log(epoch=self.epoch, step=self.step, loss=loss, images_per_s=self.images_per_s(), **metrics)
 
@@ -229,8 +301,11 @@ class Run:
 
     # -- checkpoints ------------------------------------------------------------------------
     def resume(self, **objects):
-        """With --resume, loads OUT/checkpoint.pth into the given objects (anything with
-        load_state_dict, or a tensor copied in place); returns the epoch to start from."""
+        """Remembers the objects every checkpoint holds (anything with state_dict, or a tensor)
+        and, with --resume, loads OUT/checkpoint.pth into them, with the random states and the
+        position in the data; returns the epoch to start from (run.steps starts it mid-way if
+        the checkpoint was written mid-epoch)."""
+        self._objects = objects
         if not (self.args.resume and self.checkpoint_path.exists()):
             return 0
         ckpt = torch.load(self.checkpoint_path, map_location=self.device, weights_only=True)
@@ -239,23 +314,39 @@ class Run:
                 obj.copy_(ckpt[name])
             else:
                 self.unwrap(obj).load_state_dict(ckpt[name])
-        torch.set_rng_state(ckpt["rng"]["torch"].cpu())
-        random.setstate(ckpt["rng"]["python"])
+        set_rng_state(ckpt["rng"], self.device)
+        self._resume_at, self._losses = (ckpt["epoch"], ckpt["batch"]), ckpt["epoch_losses"]
+        self._last_checkpoint = self.describe_checkpoint(ckpt)
         if self.main:
-            print(f"resumed from {self.checkpoint_path} at epoch {ckpt['epoch']}", file=sys.stderr)
+            print(f"resumed from {self._last_checkpoint}", file=sys.stderr)
         return ckpt["epoch"]
+
+    def checkpoint(self, epoch, batch, objects):
+        """Saves the objects, the random states and the position (epoch, batches of it done; the
+        global step follows) atomically, from the main process. Refuses (NonFiniteLoss) if any
+        value is not finite: a step with a finite loss can still overflow the weights."""
+        state = {name: obj if isinstance(obj, torch.Tensor) else self.unwrap(obj).state_dict()
+                 for name, obj in objects.items()}
+        if not all_finite(state):  # checked on every process: all stop together
+            raise NonFiniteLoss(f"non-finite weights after epoch {self.epoch + 1}, step {self.step}; "
+                                f"last good checkpoint: {self._last_checkpoint}")
+        state.update(epoch=epoch, batch=batch, step=self.step, epoch_losses=list(self._losses),
+                     args=vars(self.args), rng=rng_state(self.device))
+        if self.main:
+            save_atomic(state, self.checkpoint_path)
+        self._last_checkpoint = self.describe_checkpoint(state)
+
+    def describe_checkpoint(self, ckpt):
+        return f"{self.checkpoint_path} (written after step {ckpt['step']}, epoch {ckpt['epoch'] + (ckpt['batch'] > 0)})"
 
     def end_epoch(self, epoch, backbone, **objects):
         """Logs the epoch, checkpoints atomically, and runs the kNN monitor when it is due."""
         record = dict(epoch=epoch + 1, loss=float(np.mean(self._losses)), images_per_s=self.images_per_s())
         if (epoch + 1) % self.args.eval_every == 0 or epoch + 1 == self.args.epochs:
             record["knn_top1"] = self.knn(backbone)
+        self._objects = objects
+        self.checkpoint(epoch + 1, 0, objects)
         if self.main:
-            state = {name: obj if isinstance(obj, torch.Tensor) else self.unwrap(obj).state_dict()
-                     for name, obj in objects.items()}
-            state.update(epoch=epoch + 1, args=vars(self.args),
-                         rng={"torch": torch.get_rng_state(), "python": random.getstate()})
-            save_atomic(state, self.checkpoint_path)
             self.write_log(**record)
             tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
 

@@ -1,18 +1,13 @@
-"""simclr.py end to end on a tiny embedded world: both pair modes, outputs, resume, bad input."""
+"""simclr.py end to end on a tiny embedded world: both pair modes, outputs, bad input (resume after a
+kill: tests/test_resume.py)."""
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from common.backbones import ConvNet
-from tests.conftest import REPO, TINY_WORLD, run_script
+from tests.conftest import TINY_WORLD, run_script
 
 TINY_RUN = ["--batch-size", "8", "--eval-every", "1", "--log-every", "1", "--workers", "0", "--world", *TINY_WORLD]
 
@@ -34,24 +29,6 @@ def test_simclr_trains_and_writes_its_outputs(tiny_world, tmp_path, pairs):
     assert torch.load(out / "checkpoint.pth", weights_only=True)["epoch"] == 2
     assert json.loads((out / "config.json").read_text())["pairs"] == pairs
     ConvNet().load_state_dict(torch.load(out / "backbone.pth", weights_only=True), strict=True)
-
-
-def test_a_killed_run_resumes_to_the_same_weights(tiny_world, tmp_path):
-    args = ["--pairs", "semantic", "--epochs", "3", *TINY_RUN]
-    run_script("simclr.py", *args, "--out", tmp_path / "whole")
-    killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "simclr.py", *args, "--out", str(killed)], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ)
-    while not (killed / "checkpoint.pth").exists() and proc.poll() is None:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    resumed = run_script("simclr.py", *args, "--out", killed, "--resume")
-    assert "resumed from" in resumed.stderr
-    whole = torch.load(tmp_path / "whole" / "backbone.pth", weights_only=True)
-    again = torch.load(killed / "backbone.pth", weights_only=True)
-    for key in whole:
-        torch.testing.assert_close(again[key], whole[key], rtol=1e-4, atol=1e-5)
 
 
 def copy_world(tiny_world, dest):

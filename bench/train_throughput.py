@@ -1,0 +1,174 @@
+"""Training throughput (images/s, two views per pair) of each method's step, on CUDA if present,
+else the CPU: on synthetic tensors already on the device (the step alone), through the real loader
+alone (decoding, the method's views, transfer to the device) and through both (the training path).
+
+    python bench/train_throughput.py --arch resnet50 --batch-size 256 --img-size 224 --steps 20 [--compile]
+    python bench/train_throughput.py --arch convnet --batch-size 128 --img-size 32 --steps 10
+    python bench/train_throughput.py ... --data IMAGENET/train --manifest pairs.csv --workers 16
+
+Each step is built from the method script's own pieces (model class, loss, optimizer, EMA) and the
+training utilities the scripts use (Run.prepare: channels_last on CUDA, --compile; Run.autocast: bf16
+on CUDA; Run.loader and Run.steps: pinned memory, persistent workers, non-blocking copies), mirroring
+the scripts' loops. Heads are the publications' sizes, except on the convnet (the embedded world's
+net), which gets the world's. Without --data the loader reads the embedded world (generated once).
+"""
+import argparse
+import copy
+import importlib
+import itertools
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the method scripts are top-level modules
+
+from common import data, ema, transforms, utils  # noqa: E402
+from common.backbones import build_backbone  # noqa: E402
+
+METHODS = ("simclr", "vicreg", "byol", "dino")
+
+
+def method_args(method, opts, out):
+    """The method script's arguments for this benchmark, with its own defaults for the rest."""
+    script = importlib.import_module(method)
+    argv = ["--pairs", "augmented", "--arch", opts.arch, "--batch-size", str(opts.batch_size), "--img-size",
+            str(opts.img_size), "--workers", str(opts.workers), "--out", out, "--device", opts.device]
+    argv += ["--data", opts.data] if opts.data else ["--world", *opts.world]
+    argv += ["--manifest", opts.manifest] if opts.manifest else []
+    argv += ["--compile"] if opts.compile else []
+    args = utils.base_parser(method, script.DEFAULTS).parse_args(argv)
+    return script, utils.resolve_defaults(args, real_data=opts.arch != "convnet")
+
+
+def build_step(method, script, args, run):
+    """The method's networks and optimizer, and step(x1, x2) doing one training step as its script does."""
+    backbone, feat_dim = build_backbone(args.arch, args.img_size)
+    before_update = after_update = None
+    if method == "simclr":
+        model = run.prepare(script.SimCLR(backbone, feat_dim, args.proj_dim))
+
+        def method_loss(x1, x2):
+            return script.simclr_loss(model, x1, x2, args.temperature)
+    elif method == "vicreg":
+        model = run.prepare(script.VICReg(backbone, feat_dim, args.expander))
+
+        def method_loss(x1, x2):
+            return script.vicreg_loss(model, x1, x2, args.sim_coeff, args.std_coeff, args.cov_coeff)[0]
+    elif method == "byol":
+        online = script.BYOL(backbone, feat_dim, args.hidden_dim, args.proj_dim)
+        model, target = run.prepare(online), run.prepare(copy.deepcopy(online.encoder))
+        target.requires_grad_(False)
+
+        def method_loss(x1, x2):
+            return script.byol_loss(model, target, x1, x2)[0]
+
+        def after_update():
+            ema.ema_update(run.unwrap(target), run.unwrap(model).encoder, args.tau)
+    elif method == "dino":
+        student = script.DINO(backbone, feat_dim, args.out_dim, True)
+        teacher = script.DINO(*build_backbone(args.arch, args.img_size), args.out_dim, True)
+        teacher.load_state_dict(student.state_dict())
+        model, teacher = run.prepare(student), run.prepare(teacher)
+        teacher.requires_grad_(False)
+        center = torch.zeros(args.out_dim, device=run.device)
+
+        def method_loss(x1, x2):
+            return script.dino_step_loss(model, teacher, [x1, x2], center, args.teacher_temp, args.student_temp,
+                                         args.center_momentum)[0]
+
+        def before_update():
+            script.clip_gradients(model, args.clip_grad)
+
+        def after_update():
+            ema.ema_update(run.unwrap(teacher), run.unwrap(model), args.momentum_teacher)
+    else:
+        raise ValueError(method)
+    optimizer = utils.OPTIMIZERS[args.optimizer](utils.param_groups(model, args.weight_decay))
+    utils.set_lr(optimizer, args.lr * args.batch_size / 256)
+
+    def step(x1, x2):
+        with run.autocast():
+            loss = method_loss(x1, x2)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if before_update:
+            before_update()
+        optimizer.step()
+        if after_update:
+            after_update()
+        loss.item()  # Run.log reads every step's loss (the non-finite check): one sync per step, as in training
+
+    return step
+
+
+def images_per_s(batches, work, warmup, steps, batch_size):
+    """Times `steps` calls of work(*batch) after `warmup` untimed ones (compilation, cuDNN autotuning, workers)."""
+    for _ in range(warmup):
+        work(*next(batches))
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        work(*next(batches))
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return 2 * batch_size * steps / (time.perf_counter() - start)
+
+
+def loader_batches(run, loader):
+    """(x1, x2) on the device from the real loader, epoch after epoch, as the scripts receive them."""
+    for epoch in itertools.count():
+        for _, (x1, x2, _) in run.steps(loader, epoch):
+            yield x1, x2
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--arch", default="resnet50", choices=("resnet50", "resnet18", "convnet"))
+    parser.add_argument("--batch-size", type=int, default=256, help="pairs per step")
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--steps", type=int, default=20, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--no-loader", action="store_true", help="synthetic tensors only")
+    parser.add_argument("--data", help="image root with pairs.csv (default: the embedded world)")
+    parser.add_argument("--manifest")
+    parser.add_argument("--world", nargs="*", default=[], metavar="KEY=VALUE", help="embedded-world settings")
+    parser.add_argument("--workers", type=int, default=min(16, len(os.sched_getaffinity(0))))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    opts = parser.parse_args()
+    device = torch.device(opts.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"{name}; torch {torch.__version__}; {opts.arch}, batch {opts.batch_size} pairs, {opts.img_size} px, "
+          f"{opts.steps} steps after {opts.warmup}{', compiled' if opts.compile else ''}, {opts.workers} workers")
+    print(f"{'method':8s} {'step alone':>12s} {'loader alone':>13s} {'loader+step':>12s}  (images/s)")
+    for method in opts.methods:
+        with tempfile.TemporaryDirectory() as out:
+            script, args = method_args(method, opts, out)
+            run = utils.Run(args)
+            step = build_step(method, script, args, run)
+            shape = (opts.batch_size, 3, opts.img_size, opts.img_size)
+            memory = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+            synthetic = [torch.randn(shape, device=device).contiguous(memory_format=memory) for _ in range(2)]
+            rates = [images_per_s(itertools.repeat(synthetic), step, opts.warmup, opts.steps, opts.batch_size)]
+            if not opts.no_loader:
+                views = transforms.pair_views(method, args.img_size, "full", (args.min_crop_scale, 1.0))
+                loader = run.loader(data.pretrain_dataset(args, views))
+                batches = loader_batches(run, loader)
+                rates.append(images_per_s(batches, lambda x1, x2: None, opts.warmup, opts.steps, opts.batch_size))
+                rates.append(images_per_s(batches, step, opts.warmup, opts.steps, opts.batch_size))
+                batches.close()  # ends the epoch's progress bar
+            tqdm.write(f"{method:8s} " + " ".join(f"{r:>12.0f}" for r in rates))
+            del step, run
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
