@@ -26,7 +26,8 @@ from common.monitor import embedding_std
 # BYOL's presets exist for 100 and 300 epochs (lr 0.45 / 0.3, wd 1e-6, tau 0.99); the study's
 # 200 epochs use the 300-epoch one.
 DEFAULTS = {
-    "lr": (0.3, 0.3),  # scaled by batch / 256
+    "optimizer": ("lars", "adamw"),  # LARS barely moves the world's small net in ~300 steps (see simclr.py)
+    "lr": (0.3, 4e-3),  # scaled by batch / 256
     "weight_decay": (1e-6, 1e-6),
     "tau": (0.99, 0.99),  # base EMA momentum of the target
     "hidden_dim": (4096, 1024),  # projector and predictor hidden width
@@ -58,6 +59,16 @@ def regression_loss(prediction, target):
     return (2 - 2 * F.cosine_similarity(prediction, target, dim=-1)).mean()
 
 
+def byol_loss(model, target, x1, x2):
+    """BYOL loss of a batch of pairs, and the first view's predictions (for the collapse monitor):
+    each view's prediction regresses the target's projection of the other view. The loss is a
+    mean over this process's samples; DDP's averaging of the gradients makes it the global mean."""
+    p1, p2 = model(x1, x2)
+    with torch.no_grad():  # the target runs in training mode too: BatchNorm uses batch statistics
+        z1, z2 = target(x1), target(x2)
+    return regression_loss(p1.float(), z2.float()) + regression_loss(p2.float(), z1.float()), p1
+
+
 def main():
     args = utils.resolve_defaults(utils.base_parser("byol", DEFAULTS).parse_args())
     run = utils.Run(args)
@@ -70,7 +81,7 @@ def main():
     target = copy.deepcopy(online.encoder)
     model, target = run.prepare(online), run.prepare(target)
     target.requires_grad_(False)  # after prepare: DDP wraps only modules with trainable parameters
-    optimizer = utils.LARS(utils.param_groups(model, args.weight_decay))
+    optimizer = utils.OPTIMIZERS[args.optimizer](utils.param_groups(model, args.weight_decay))
     lr_schedule = utils.cosine_schedule(args.lr * args.batch_size / 256, 0.0, args.epochs, len(loader),
                                         args.warmup_epochs)
     tau_schedule = ema.momentum_schedule(args.tau, args.epochs, len(loader))
@@ -80,11 +91,7 @@ def main():
         for step, (x1, x2, _) in run.steps(loader, epoch):
             utils.set_lr(optimizer, lr_schedule[step])
             with run.autocast():
-                p1, p2 = model(x1, x2)
-                with torch.no_grad():  # the target runs in training mode too: BatchNorm uses batch statistics
-                    z1, z2 = target(x1), target(x2)
-            # Each view's prediction regresses the target's projection of the other view.
-            loss = regression_loss(p1.float(), z2.float()) + regression_loss(p2.float(), z1.float())
+                loss, p1 = byol_loss(model, target, x1, x2)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -33,7 +33,8 @@ from common.monitor import embedding_std
 # flag: (real data, as in the original publication; embedded world on 2 CPU cores); the ResNet
 # recipe (DINO's README command for ResNet-50). VIT_RECIPE replaces it for unset flags on ViT-S/8.
 DEFAULTS = {
-    "lr": (0.03, 0.03),  # scaled by batch / 256
+    "optimizer": ("sgd", "adamw"),  # SGD barely moves the world's small net in ~300 steps (see simclr.py)
+    "lr": (0.03, 4e-3),  # scaled by batch / 256
     "min_lr": (1e-6, 1e-6),
     "weight_decay": (1e-4, 1e-4),
     "weight_decay_end": (1e-4, 1e-4),
@@ -49,7 +50,7 @@ DEFAULTS = {
     "freeze_last_layer": (1, 1),  # epochs
     "local_crops": (0, 0),  # the study uses the two global views only
 }
-VIT_RECIPE = {"lr": 5e-4, "weight_decay": 0.04, "weight_decay_end": 0.4, "teacher_temp": 0.07}
+VIT_RECIPE = {"optimizer": "adamw", "lr": 5e-4, "weight_decay": 0.04, "weight_decay_end": 0.4, "teacher_temp": 0.07}
 
 
 class DINOHead(nn.Module):
@@ -108,6 +109,19 @@ def update_center(center, teacher_out, momentum):
     center.mul_(momentum).add_(distributed.global_mean(teacher_out.mean(0)), alpha=1 - momentum)
 
 
+def dino_step_loss(student, teacher, crops, center, teacher_temp, student_temp, center_momentum):
+    """DINO loss of a batch of crops (the first two global), and the teacher targets (for the
+    collapse monitor); moves the centre, after the targets have used it, as DINO's loss does.
+    The loss is a mean over this process's samples (DDP's averaging of the gradients makes it the
+    global mean); the teacher's BatchNorm and the centre use the global batch."""
+    with torch.no_grad():
+        teacher_out = teacher(crops[:2]).float()
+    student_out = student(crops).float()
+    targets = teacher_targets(teacher_out, center, teacher_temp)
+    update_center(center, teacher_out, center_momentum)
+    return dino_loss(student_out, targets, student_temp), targets
+
+
 @torch.no_grad()
 def clip_gradients(model, max_norm):
     """Scales each parameter's gradient down to norm max_norm (DINO clips per parameter, not globally)."""
@@ -138,9 +152,9 @@ def main():
             if getattr(args, flag) is None:
                 setattr(args, flag, value)
     args = utils.resolve_defaults(args)
-    # DINO's ViT-S settings (README's better-performance command): AdamW, drop path, a learnt
-    # scale of the last layer. ResNets: SGD, no drop path, last layer normalised.
-    args.optimizer, args.drop_path_rate, args.norm_last_layer = ("adamw", 0.1, False) if vit else ("sgd", 0.0, True)
+    # DINO's ViT-S settings (README's better-performance command): drop path and a learnt scale
+    # of the last layer. ResNets: no drop path, last layer normalised.
+    args.drop_path_rate, args.norm_last_layer = (0.1, False) if vit else (0.0, True)
     run = utils.Run(args)
     loader = run.loader(data.pretrain_dataset(args, views(args)))
 
@@ -153,7 +167,7 @@ def main():
     center = torch.zeros(args.out_dim, device=run.device)
 
     groups = utils.param_groups(student, args.weight_decay)  # no weight decay on biases and norms
-    optimizer = torch.optim.AdamW(groups) if vit else torch.optim.SGD(groups, lr=0.0, momentum=0.9)
+    optimizer = utils.OPTIMIZERS[args.optimizer](groups)
     lr_schedule = utils.cosine_schedule(args.lr * args.batch_size / 256, args.min_lr, args.epochs, len(loader),
                                         args.warmup_epochs)
     wd_schedule = utils.cosine_schedule(args.weight_decay, args.weight_decay_end, args.epochs, len(loader))
@@ -168,11 +182,8 @@ def main():
             utils.set_lr(optimizer, lr_schedule[step])
             optimizer.param_groups[0]["weight_decay"] = float(wd_schedule[step])  # the group with decay
             with run.autocast():
-                with torch.no_grad():
-                    teacher_out = teacher(crops[:2]).float()
-                student_out = student(crops).float()
-            targets = teacher_targets(teacher_out, center, teacher_temps[epoch])
-            loss = dino_loss(student_out, targets, args.student_temp)
+                loss, targets = dino_step_loss(student, teacher, crops, center, teacher_temps[epoch],
+                                               args.student_temp, args.center_momentum)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if args.clip_grad:
@@ -182,7 +193,6 @@ def main():
                     p.grad = None
             optimizer.step()
             ema.ema_update(run.unwrap(teacher), run.unwrap(student), momentum_schedule[step])
-            update_center(center, teacher_out, args.center_momentum)
             run.log(loss, lr=lr_schedule[step], wd=wd_schedule[step], momentum=momentum_schedule[step],
                     teacher_temp=teacher_temps[epoch], embedding_std=embedding_std(targets))
         run.end_epoch(epoch, run.unwrap(teacher).backbone, student=student, teacher=teacher, optimizer=optimizer,

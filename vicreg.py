@@ -17,7 +17,8 @@ from common.monitor import embedding_std
 
 # flag: (real data, as in the original publication; embedded world on 2 CPU cores)
 DEFAULTS = {
-    "lr": (0.2, 0.2),  # scaled by batch / 256
+    "optimizer": ("lars", "adamw"),  # LARS barely moves the world's small net in ~300 steps (see simclr.py)
+    "lr": (0.2, 4e-3),  # scaled by batch / 256
     "weight_decay": (1e-6, 1e-6),
     "expander": ("8192-8192-8192", "1024-1024-1024"),  # 8192 wide is 3x the CPU convnet's compute
     "sim_coeff": (25.0, 25.0),
@@ -43,6 +44,16 @@ class VICReg(nn.Module):
         return self.expander(self.backbone(x1)), self.expander(self.backbone(x2))
 
 
+def vicreg_loss(model, x1, x2, sim_coeff, std_coeff, cov_coeff):
+    """VICReg loss of a batch of pairs, and the first view's embeddings (for the collapse monitor).
+    The embeddings are gathered with gradient: each process's loss is the global-batch loss, and
+    after DDP's averaging the gradients are those of one process seeing the whole batch."""
+    z1, z2 = model(x1, x2)
+    loss = losses.vicreg_loss(distributed.gather(z1.float()), distributed.gather(z2.float()),
+                              sim_coeff, std_coeff, cov_coeff)
+    return loss, z1
+
+
 def main():
     args = utils.resolve_defaults(utils.base_parser("vicreg", DEFAULTS).parse_args())
     run = utils.Run(args)
@@ -52,7 +63,7 @@ def main():
 
     backbone, feat_dim = build_backbone(args.arch, args.img_size)
     model = run.prepare(VICReg(backbone, feat_dim, args.expander))
-    optimizer = utils.LARS(utils.param_groups(model, args.weight_decay))
+    optimizer = utils.OPTIMIZERS[args.optimizer](utils.param_groups(model, args.weight_decay))
     base_lr = args.lr * args.batch_size / 256
     lr_schedule = utils.cosine_schedule(base_lr, base_lr / 1000, args.epochs, len(loader), args.warmup_epochs)
     start_epoch = run.resume(model=model, optimizer=optimizer)
@@ -61,11 +72,7 @@ def main():
         for step, (x1, x2, _) in run.steps(loader, epoch):
             utils.set_lr(optimizer, lr_schedule[step])
             with run.autocast():
-                z1, z2 = model(x1, x2)
-            # Gathered with gradient: each process's loss is the global-batch loss, and after DDP's
-            # averaging the gradients are those of one process seeing the whole batch.
-            loss = losses.vicreg_loss(distributed.gather(z1.float()), distributed.gather(z2.float()),
-                                      args.sim_coeff, args.std_coeff, args.cov_coeff)
+                loss, z1 = vicreg_loss(model, x1, x2, args.sim_coeff, args.std_coeff, args.cov_coeff)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -98,33 +98,36 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         shape = [1, -1] + [1] * (x.dim() - 2)
         x32 = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
         count = torch.full((1,), x.numel() // x.shape[1], dtype=x32.dtype, device=x.device)
-        sums = _AllReduceSum.apply(torch.cat([x32.sum(dims), x32.square().sum(dims), count]))
-        c, n = x.shape[1], sums[-1]
-        mean = sums[:c] / n
-        var = sums[c:2 * c] / n - mean.square()
+        sums = _AllReduceSum.apply(torch.cat([x32.sum(dims), count]))
+        mean, n = sums[:-1] / sums[-1], sums[-1]
+        # Two passes (mean, then squared deviations), as E[x^2] - mean^2 cancels catastrophically
+        # in float32 when the mean is large against the spread.
+        centred = x32 - mean.view(shape)
+        var = _AllReduceSum.apply(centred.square().sum(dims)) / n
         if self.track_running_stats:
             with torch.no_grad():
                 momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked + 1)
                 self.num_batches_tracked += 1
                 self.running_mean.lerp_(mean.detach(), momentum)
                 self.running_var.lerp_(var.detach() * n / (n - 1), momentum)
-        y = (x32 - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        y = centred * torch.rsqrt(var.view(shape) + self.eps)
         if self.affine:
             y = y * self.weight.view(shape) + self.bias.view(shape)
         return y.to(x.dtype)
 
 
-def convert_sync_batchnorm(model, device):
-    """Every BatchNorm layer of model synchronised over the processes: torch's SyncBatchNorm on
-    CUDA, ours elsewhere."""
+def convert_sync_batchnorm(module, device):
+    """module with every BatchNorm layer (itself included) synchronised over the processes:
+    torch's SyncBatchNorm on CUDA, ours elsewhere."""
     if device.type == "cuda":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    for name, child in model.named_children():
-        if isinstance(child, nn.modules.batchnorm._BatchNorm):
-            bn = SyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats)
-            # Take over the layer's own parameters and buffers (device, dtype and values).
-            bn._parameters, bn._buffers = child._parameters, child._buffers
-            setattr(model, name, bn)
-        else:
-            convert_sync_batchnorm(child, device)
-    return model
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        bn = SyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
+        # Take over the layer's own parameters and buffers (device, dtype and values) and mode.
+        bn._parameters, bn._buffers, bn.training = module._parameters, module._buffers, module.training
+        return bn
+    for name, child in module.named_children():
+        converted = convert_sync_batchnorm(child, device)
+        if converted is not child:
+            setattr(module, name, converted)
+    return module
