@@ -38,8 +38,9 @@ way is far above chance; augmented pairs clearly beat a random-init backbone (0.
 background tried where they do: at 0.5 and 1 they learn the background and not the object); and
 shape matters (the supervised net beats a colour-histogram probe by far, and the shape-only world
 is still learnt well above chance). 100 classes keep same-class negatives in a batch rare; 20
-pairs per class is what the budget allows at 30 epochs. The strength sweep of the study runs
-background_strength over about 0, 0.2, 0.5 and 1.
+pairs per class is what the budget allows. The study's strength sweep (eval/study.py's
+embedded-nuisance preset, with the default from the embedded one) runs background_strength over
+0, 0.2, 0.5 and 1.
 
 Rendering is a pure function of (instance, nuisance): `render` composes background, object,
 sticker and occluders on a 2x supersampled grid, applies the illumination, averages 2x2 blocks
