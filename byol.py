@@ -26,7 +26,7 @@ from common.monitor import embedding_std
 # BYOL's presets exist for 100 and 300 epochs (lr 0.45 / 0.3, wd 1e-6, tau 0.99); the study's
 # 200 epochs use the 300-epoch one.
 DEFAULTS = {
-    "optimizer": ("lars", "adamw"),  # LARS barely moves the world's small net in ~300 steps (see simclr.py)
+    "optimizer": ("lars", "adamw"),  # LARS barely moves the world's small net in ~200 steps (see simclr.py)
     "lr": (0.3, 4e-3),  # scaled by batch / 256
     "weight_decay": (1e-6, 1e-6),
     "tau": (0.99, 0.99),  # base EMA momentum of the target

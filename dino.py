@@ -33,7 +33,7 @@ from common.monitor import embedding_std
 # flag: (real data, as in the original publication; embedded world on 2 CPU cores); the ResNet
 # recipe (DINO's README command for ResNet-50). VIT_RECIPE replaces it for unset flags on ViT-S/8.
 DEFAULTS = {
-    "optimizer": ("sgd", "adamw"),  # SGD barely moves the world's small net in ~300 steps (see simclr.py)
+    "optimizer": ("sgd", "adamw"),  # SGD barely moves the world's small net in ~200 steps (see simclr.py)
     "lr": (0.03, 4e-3),  # scaled by batch / 256
     "min_lr": (1e-6, 1e-6),
     "weight_decay": (1e-4, 1e-4),

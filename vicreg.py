@@ -17,7 +17,7 @@ from common.monitor import embedding_std
 
 # flag: (real data, as in the original publication; embedded world on 2 CPU cores)
 DEFAULTS = {
-    "optimizer": ("lars", "adamw"),  # LARS barely moves the world's small net in ~300 steps (see simclr.py)
+    "optimizer": ("lars", "adamw"),  # LARS barely moves the world's small net in ~200 steps (see simclr.py)
     "lr": (0.2, 4e-3),  # scaled by batch / 256
     "weight_decay": (1e-6, 1e-6),
     "expander": ("8192-8192-8192", "1024-1024-1024"),  # 8192 wide is 3x the CPU convnet's compute
