@@ -1,6 +1,6 @@
 """Training utilities shared by simclr.py, vicreg.py, byol.py and dino.py: the common flags,
-one `Run` object for device, output folder, log, progress bar, checkpoints and the kNN
-monitor, distributed helpers, LARS and per-iteration schedules."""
+one `Run` object for device, processes (common/distributed.py), output folder, log, progress bar,
+checkpoints and the kNN monitor, the optimizers (LARS among them) and per-iteration schedules."""
 import argparse
 import functools
 import json
