@@ -27,9 +27,7 @@ def vicreg_reference(x, y, sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0):
     """VICReg (Bardes et al.): invariance (MSE between the views), variance (hinge on each
     dimension's std, eps 1e-4) and covariance (squared off-diagonal covariances / D) terms."""
     n, d = x.shape
-    if n < 2:  # the official definition would divide by zero
-        raise ValueError(f"vicreg_loss needs at least 2 samples per view, got {n} (the variance "
-                         "and covariance divide by N - 1)")
+    _check_two_samples(n)
 
     def variance_and_covariance(z):
         z = z - z.mean(dim=0)
@@ -41,6 +39,12 @@ def vicreg_reference(x, y, sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0):
     std_x, cov_x = variance_and_covariance(x)
     std_y, cov_y = variance_and_covariance(y)
     return sim_coeff * F.mse_loss(x, y) + std_coeff * (std_x + std_y) / 2 + cov_coeff * (cov_x + cov_y)
+
+
+def _check_two_samples(n):
+    if n < 2:  # the official definition would divide by zero
+        raise ValueError(f"vicreg_loss needs at least 2 samples per view, got {n} (the variance "
+                         "and covariance divide by N - 1)")
 
 
 def _load(name):
@@ -98,6 +102,9 @@ def nt_xent(z1, z2, temperature=0.1, impl="auto"):
 def vicreg_loss(x, y, sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0, impl="auto"):
     """VICReg loss (scalar) of two (N, D) batches of embeddings, N >= 2; see vicreg_reference.
     Runs in the inputs' precision even under autocast."""
+    # Checked here too, not only by the extension: a C++ exception thrown from an extension built
+    # with another compiler than torch's crashed the process on a GPU machine instead of raising.
+    _check_two_samples(x.shape[0])
     with torch.autocast(x.device.type, enabled=False):
         if _use_fused("vicreg", x, impl):
             return torch.ops.sempairs.vicreg(x, y, sim_coeff, std_coeff, cov_coeff)[0]

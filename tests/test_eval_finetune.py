@@ -22,7 +22,7 @@ def test_finetune_learns_and_writes_its_result(tmp_path, unchecked, capsys):
     assert 40 < result["accuracy"] <= 100  # chance is 10%: the classes differ in colour
     protocol = result["protocol"]
     assert protocol["lr"] == 0.1 * 8 / 256 and protocol["label_smoothing"] == 0.1 and protocol["layer_decay"] is None
-    state = torch.load(run / "finetune" / "cifar10-center-s0" / "checkpoint.pth", weights_only=True)
+    state = torch.load(run / "finetune" / "cifar10-center-s0" / "checkpoint.pth", weights_only=True, map_location="cpu")
     assert state["epoch"] == 20
     tuned = {k[len("backbone."):]: v for k, v in state["model"].items() if k.startswith("backbone.")}
     assert tuned.keys() == before.keys() and not torch.equal(tuned["features.0.weight"], before["features.0.weight"])

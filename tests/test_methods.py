@@ -37,7 +37,7 @@ def read_log(out):
 
 
 def load(path):
-    return torch.load(path, weights_only=True)
+    return torch.load(path, weights_only=True, map_location="cpu")  # checkpoints of a CUDA run hold CUDA tensors
 
 
 def part(state, prefix):

@@ -21,6 +21,7 @@ from tests.conftest import REPO
 from tests.test_methods import TINY_HEADS, TINY_RUN, load, part, read_log, train
 
 STEPS = 8  # 2 epochs of 32 pairs / batch 8
+CPU_RUN = [*TINY_RUN, "--device", "cpu"]  # same weights is a CPU promise: CUDA kernels need not be deterministic
 
 
 def logged_steps(out):
@@ -43,7 +44,7 @@ def assert_close_states(a, b, context):
 
 
 def test_simclr_killed_at_a_random_step_resumes_to_the_same_weights(tiny_world, tmp_path, monkeypatch):
-    args = ["simclr.py", "--pairs", "semantic", "--epochs", "2", "--checkpoint-every", "2", *TINY_RUN]
+    args = ["simclr.py", "--pairs", "semantic", "--epochs", "2", "--checkpoint-every", "2", *CPU_RUN]
     train(monkeypatch, *args, "--out", tmp_path / "whole")
 
     killed = tmp_path / "killed"
@@ -79,7 +80,7 @@ class Stop(Exception):
 
 
 def test_dino_resumes_mid_epoch_with_its_teacher_and_centre(tiny_world, tmp_path, monkeypatch):
-    args = ["dino.py", "--pairs", "semantic", "--epochs", "1", "--checkpoint-every", "1", *TINY_RUN, *TINY_HEADS["dino"]]
+    args = ["dino.py", "--pairs", "semantic", "--epochs", "1", "--checkpoint-every", "1", *CPU_RUN, *TINY_HEADS["dino"]]
     train(monkeypatch, *args, "--out", tmp_path / "whole")
 
     stop_after = random.randrange(3)  # of 4 steps; not the last, so the checkpoint is mid-epoch
