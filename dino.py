@@ -138,8 +138,8 @@ def views(args):
                                          (0.4, 1.0) if args.local_crops else (args.min_crop_scale, 1.0))
     # Local crops are 96 px at 224, kept a multiple of 8 at other sizes (ViT-S/8's patch).
     local_size = max(8, 8 * round(args.img_size * 96 / 224 / 8))
-    local = transforms.view_pipeline(local_size, transforms.RECIPES["dino"][0],
-                                     blur_p=0.5, ablation=args.transforms, crop_scale=(0.05, 0.4))
+    local = transforms.View(local_size, transforms.RECIPES["dino"][0], blur_p=0.5, ablation=args.transforms,
+                            crop_scale=(0.05, 0.4))
     # On semantic pairs the local crops come from both images of the pair.
     return global_views + [(local, i % 2) for i in range(args.local_crops)]
 

@@ -3,10 +3,11 @@
     python bench/pair_loader_imagenet.py loader [--workers 1 2] [--images 200]
     python bench/pair_loader_imagenet.py builder [--classes 1000] [--files 60]
 
-loader: pairs/s of the 224-px SimCLR view pipeline (transforms.pair_views("simclr", 224)) over
+loader: pairs/s of the 224-px SimCLR views' worker stage (transforms.pair_views("simclr", 224)) over
 ImageNet-like JPEGs (500x375, quality 90, a photograph-like mix of smooth regions, texture and
 edges), for semantic pairs (two decodes per pair) and augmented pairs (one decode, two views),
-through the training loader (data.make_loader); plus the cost of one decode and one view.
+through the training loader (data.make_loader); plus the cost of one decode, one view's worker
+stage and its colour stage.
 Medians over interleaved rounds.
 
 builder: `python -m common.pairs build --strategy random` over a tree of `--classes` folders of
@@ -62,11 +63,15 @@ def bench_loader(args, tmp):
     decoded = [data.load_rgb(f) for f in files[:40]]
     with data.seeded(0):
         view_ms = per_call_ms(views[0][0], decoded)
+        pixels, params = (torch.stack(t) for t in zip(*map(views[0][0], decoded)))
+    colour_ms = per_call_ms(lambda batch: transforms.colourise(*batch), [(pixels, params)]) / len(decoded)
     print(f"{len(files)} JPEGs 500x375 q90, {kb:.0f} KiB average; batch {args.batch_size}; "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
     mining = pairs.MiningViews(tmp, [str(f.relative_to(tmp)) for f in files[:40]], 224)
     print(f"one process: decode {per_call_ms(data.load_rgb, files[:40]):.1f} ms/image, "
-          f"one 224-px SimCLR view {view_ms:.1f} ms, mining views (decode, object and context view) "
+          f"one 224-px SimCLR view in a worker (crop, flip, colour parameters) {view_ms:.1f} ms, its colours "
+          f"(transforms.colourise, batched on this CPU) {colour_ms:.1f} ms, mining views (decode, object and "
+          f"context view) "
           f"{per_call_ms(mining.__getitem__, range(40)):.1f} ms/image")
     for workers in args.workers:
         built = {name: data.make_loader(ds, data.SeededBatchSampler(len(ds), args.batch_size, seed=0), workers,

@@ -5,6 +5,7 @@ alone (decoding, the method's views, transfer to the device) and through both (t
     python bench/train_throughput.py --arch resnet50 --batch-size 256 --img-size 224 --steps 20 [--compile]
     python bench/train_throughput.py --arch convnet --batch-size 128 --img-size 32 --steps 10
     python bench/train_throughput.py ... --data IMAGENET/train --manifest pairs.csv --workers 16
+    python bench/train_throughput.py ... --fake-imagenet 4000   # generated ImageNet-like JPEGs
 
 Each step is built from the method script's own pieces (model class, loss, optimizer, EMA) and the
 training utilities the scripts use (Run.prepare: channels_last on CUDA, --compile; Run.autocast: bf16
@@ -16,6 +17,7 @@ import argparse
 import copy
 import importlib
 import itertools
+import multiprocessing
 import os
 import sys
 import tempfile
@@ -27,7 +29,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the method scripts are top-level modules
 
-from common import data, ema, transforms, utils  # noqa: E402
+from common import data, ema, imagenet, pairs, transforms, utils  # noqa: E402
 from common.backbones import build_backbone  # noqa: E402
 
 METHODS = ("simclr", "vicreg", "byol", "dino")
@@ -127,22 +129,18 @@ def loader_batches(run, loader):
             yield x1, x2
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    parser.add_argument("--arch", default="resnet50", choices=("resnet50", "resnet18", "convnet"))
-    parser.add_argument("--batch-size", type=int, default=256, help="pairs per step")
-    parser.add_argument("--img-size", type=int, default=224)
-    parser.add_argument("--steps", type=int, default=20, help="timed steps")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
-    parser.add_argument("--compile", action="store_true")
-    parser.add_argument("--no-loader", action="store_true", help="synthetic tensors only")
-    parser.add_argument("--data", help="image root with pairs.csv (default: the embedded world)")
-    parser.add_argument("--manifest")
-    parser.add_argument("--world", nargs="*", default=[], metavar="KEY=VALUE", help="embedded-world settings")
-    parser.add_argument("--workers", type=int, default=min(16, len(os.sched_getaffinity(0))))
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    opts = parser.parse_args()
+def write_fake_imagenet(root, images, per_class=100):
+    """ImageNet-like class folders of 500x375 JPEGs (quality 90, about ImageNet's file size) and a
+    pairs.csv, one class per process; the loader's cost is decoding and views, not the content."""
+    wnids = imagenet.synsets_1k()[:max(1, images // per_class)]
+    jobs = [(root, [wnid], per_class, (500, 375), seed, 90, False) for seed, wnid in enumerate(wnids)]
+    with multiprocessing.Pool() as pool:
+        pool.starmap(imagenet.synthetic_tree, jobs)
+    pairs.write_manifest(root / "pairs.csv", pairs.random_pairs(root, wnids, per_class // 2, seed=0))
+    return str(root)
+
+
+def bench(opts):
     device = torch.device(opts.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"{name}; torch {torch.__version__}; {opts.arch}, batch {opts.batch_size} pairs, {opts.img_size} px, "
@@ -168,6 +166,30 @@ def main():
             del step, run
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--arch", default="resnet50", choices=("resnet50", "resnet18", "convnet"))
+    parser.add_argument("--batch-size", type=int, default=256, help="pairs per step")
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--steps", type=int, default=20, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--no-loader", action="store_true", help="synthetic tensors only")
+    parser.add_argument("--data", help="image root with pairs.csv (default: the embedded world)")
+    parser.add_argument("--manifest")
+    parser.add_argument("--fake-imagenet", type=int, metavar="IMAGES",
+                        help="read this many generated ImageNet-like JPEGs (500x375) instead of --data")
+    parser.add_argument("--world", nargs="*", default=[], metavar="KEY=VALUE", help="embedded-world settings")
+    parser.add_argument("--workers", type=int, default=min(16, len(os.sched_getaffinity(0))))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    opts = parser.parse_args()
+    with tempfile.TemporaryDirectory() as fake:
+        if opts.fake_imagenet:
+            opts.data, opts.manifest = write_fake_imagenet(Path(fake), opts.fake_imagenet), None
+        bench(opts)
 
 
 if __name__ == "__main__":

@@ -17,9 +17,9 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from common import data, distributed
+from common import data, distributed, transforms
 from common.pairs import ManifestError
-from common.transforms import ABLATIONS
+
 
 # Shared controls, identical for every method: (real data as in the paper, embedded world on 2 CPU cores).
 SHARED_DEFAULTS = {
@@ -46,7 +46,8 @@ def base_parser(method, defaults, prog=None):
     p.add_argument("--batch-size", type=int, help="global batch size (pairs), split over processes")
     p.add_argument("--arch", choices=("resnet50", "resnet18", "convnet", "vit_small_patch8"))
     p.add_argument("--img-size", type=int)
-    p.add_argument("--transforms", choices=ABLATIONS, default="full", help="the paper's augmentation ablations")
+    p.add_argument("--transforms", choices=transforms.ABLATIONS, default="full",
+                   help="the paper's augmentation ablations")
     p.add_argument("--min-crop-scale", type=float, help="smallest area fraction of the random resized crop")
     p.add_argument("--images-per-class", type=int, help="nested subset: the first N pairs of each class")
     p.add_argument("--ap-images", choices=("image_a", "all"), default="image_a",
@@ -264,16 +265,22 @@ class Run:
         self._tick, self._images = time.perf_counter(), 0
         if start == 0:
             self._losses = []  # else: the epoch's losses before the checkpoint, restored by resume()
-        # channels_last images for the channels_last model on CUDA; labels stay as they are
-        image_format = torch.channels_last if self.device.type == "cuda" else torch.preserve_format
         for i, batch in enumerate(bar, start):
             self.step, self._batches_done = epoch * len(loader) + i, i + 1
-            batch = [b.to(self.device, non_blocking=True, memory_format=image_format if b.ndim == 4
-                          else torch.preserve_format) for b in batch]
+            batch = [self._to_device(b) for b in batch]
             self._images += 2 * len(batch[0]) * self.world_size
             yield self.step, batch
             if self._losses:
                 bar.set_postfix(loss=f"{self._losses[-1]:.4f}", img_s=f"{self.images_per_s():.0f}")
+
+    def _to_device(self, item):
+        """One collated item of a batch on the device: a view (uint8 pixels and colour parameters,
+        transforms.View) is coloured there, channels_last on CUDA for the channels_last model."""
+        if not isinstance(item, (list, tuple)):
+            return item.to(self.device, non_blocking=True)
+        pixels, params = item
+        views = transforms.colourise(pixels.to(self.device, non_blocking=True), params)
+        return views.contiguous(memory_format=torch.channels_last) if self.device.type == "cuda" else views
 
     def images_per_s(self):
         return self._images / max(time.perf_counter() - self._tick, 1e-9)

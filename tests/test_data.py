@@ -128,11 +128,12 @@ def test_views_come_from_the_right_images_and_are_seeded(tmp_path):
     assert (x1.permute(1, 2, 0).numpy() == np.asarray(Image.open(tmp_path / a))).all()
     assert (x2.permute(1, 2, 0).numpy() == np.asarray(Image.open(tmp_path / b))).all()
     ap = data.pretrain_dataset(args_for(tmp_path, "augmented"), transforms.pair_views("simclr", 16))
-    v1, v2_, _ = ap[(0, 7)]
-    w1, w2, _ = ap[(0, 7)]
+    flat = lambda key: [torch.cat([pixels.flatten().float(), params]) for pixels, params in ap[key][:2]]
+    v1, v2_ = flat((0, 7))  # each view: uint8 pixels and colour parameters
+    w1, w2 = flat((0, 7))
     assert torch.equal(v1, w1) and torch.equal(v2_, w2)  # same seed, same views
     assert not torch.equal(v1, v2_)  # two different views of one image
-    assert not torch.equal(ap[(0, 8)][0], v1)
+    assert not torch.equal(flat((0, 8))[0], v1)
 
 
 def test_images_per_class_takes_nested_subsets(tmp_path):
@@ -173,28 +174,69 @@ def test_wrong_header_and_unreadable_image(tmp_path):
 
 # -- transforms -----------------------------------------------------------------------------------
 
-def op_types(pipeline):
-    found = []
-    for t in pipeline.transforms:
-        inner = t.transforms if isinstance(t, v2.RandomApply) else [t]
-        found += [type(x).__name__ for x in inner]
-    return found
+def draw(view, n=2000, size=8):
+    """The colour parameters of n views of one small image, seeded."""
+    img = Image.new("RGB", (size, size), (120, 60, 200))
+    with data.seeded(0):
+        return torch.stack([view(img)[1] for _ in range(n)])
 
 
-def test_ablations_remove_what_the_paper_removes():
-    full, no_gray, no_color, only_crop = (op_types(transforms.view_pipeline(32, ablation=a)) for a in transforms.ABLATIONS)
-    assert {"RandomResizedCrop", "RandomHorizontalFlip", "ColorJitter", "RandomGrayscale", "GaussianBlur"} <= set(full)
-    assert "RandomGrayscale" not in no_gray and "ColorJitter" in no_gray
-    assert "RandomGrayscale" not in no_color and "ColorJitter" not in no_color and "GaussianBlur" in no_color
-    assert only_crop == ["RandomResizedCrop", "Compose"]  # the crop, then to-tensor
+def test_views_draw_the_recipe_and_the_ablations_remove_what_the_paper_removes():
+    jitter, blur, solarize = transforms.RECIPES["byol"]
+    p = draw(transforms.View(32, jitter, blur[1], solarize[1]))
+    jittered = p[:, transforms.BRIGHTNESS] != 1
+    assert abs(jittered.float().mean() - 0.8) < 0.03
+    assert abs(p[:, transforms.GRAY].mean() - 0.2) < 0.03
+    assert abs((p[:, transforms.SIGMA] > 0).float().mean() - blur[1]) < 0.03
+    assert abs(p[:, transforms.SOLARIZE].mean() - solarize[1]) < 0.03
+    for k, x in enumerate(jitter):  # factors within the recipe's ranges
+        lo, hi = (-x, x) if k == transforms.HUE else (1 - x, 1 + x)
+        assert lo <= p[jittered, k].min() and p[jittered, k].max() <= hi
+    assert p[:, transforms.SIGMA].max() <= 2.0 * 32 / 224
+    assert (p[:, transforms.ORDER].sort().values == torch.arange(4)).all()  # each a permutation
+    identity = torch.tensor([1, 1, 1, 0, 0, 1, 2, 3, 0, 0, 0], dtype=torch.float32)
+    full, no_gray, no_color, only_crop = (draw(transforms.View(32, ablation=a)) for a in transforms.ABLATIONS)
+    assert full[:, transforms.GRAY].any() and not no_gray[:, transforms.GRAY].any()
+    assert (no_gray[:, transforms.BRIGHTNESS] != 1).any() and (no_color[:, :transforms.SIGMA] == identity[:9]).all()
+    assert (no_color[:, transforms.SIGMA] > 0).any() and (only_crop == identity).all()
     with pytest.raises(ValueError):
-        transforms.view_pipeline(32, ablation="none")
+        transforms.View(32, ablation="none")
 
 
 def test_method_recipes_differ_in_blur_and_solarize():
-    simclr = [op_types(t) for t, _ in transforms.pair_views("simclr", 32)]
-    byol = [op_types(t) for t, _ in transforms.pair_views("byol", 32)]
-    assert "Solarize" not in simclr[0] + simclr[1]
-    assert "Solarize" not in byol[0] and "Solarize" in byol[1]
-    x = transforms.pair_views("simclr", 24)[0][0](Image.new("RGB", (40, 30)))
-    assert x.shape == (3, 24, 24) and x.dtype == torch.float32
+    simclr, byol = (transforms.pair_views(m, 32) for m in ("simclr", "byol"))
+    assert [v.solarize_p for v, _ in simclr] == [0, 0] and [v.solarize_p for v, _ in byol] == [0, 0.2]
+    assert [v.blur_p for v, _ in simclr] == [0.5, 0.5] and [v.blur_p for v, _ in byol] == [1.0, 0.1]
+    pixels, params = transforms.pair_views("simclr", 24)[0][0](Image.new("RGB", (40, 30)))
+    assert pixels.shape == (3, 24, 24) and pixels.dtype == torch.uint8 and params.shape == (transforms.NUM_PARAMS,)
+    x = transforms.colourise(pixels[None], params[None])
+    assert x.shape == (1, 3, 24, 24) and x.dtype == torch.float32
+
+
+def test_colourise_applies_each_views_parameters_as_torchvision_does():
+    """A batch coloured at once equals each image through torchvision's functional ops, in the
+    view's jitter order (identity jitter skipped: torchvision's HSV round trip is not exact)."""
+    from torchvision.transforms.v2 import functional as tf
+
+    pixels = torch.randint(0, 256, (6, 3, 20, 30), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    params = torch.tensor([[1.3, 0.7, 1.5, 0.08, 2, 0, 3, 1, 0, 0.0, 0],
+                           [0.6, 1.4, 0.3, -0.1, 3, 2, 1, 0, 1, 0.0, 0],
+                           [1, 1, 1, 0, 0, 1, 2, 3, 0, 1.5, 0],
+                           [1, 1, 1, 0, 0, 1, 2, 3, 0, 0.0, 1],
+                           [1.1, 0.9, 1.0, 0.05, 1, 3, 0, 2, 1, 0.7, 1],
+                           [1, 1, 1, 0, 0, 1, 2, 3, 0, 0.0, 0]])
+    jitter = [tf.adjust_brightness, tf.adjust_contrast, tf.adjust_saturation, tf.adjust_hue]
+    expected = []
+    for img, p in zip(pixels.float() / 255, params):
+        for k in p[transforms.ORDER].long().tolist():
+            if p[k] != (0 if k == transforms.HUE else 1):
+                img = jitter[k](img, p[k].item())
+        if p[transforms.GRAY]:
+            img = tf.rgb_to_grayscale(img, num_output_channels=3)
+        if p[transforms.SIGMA]:
+            radius = int(np.ceil(3 * p[transforms.SIGMA].item()))
+            img = tf.gaussian_blur(img, [2 * radius + 1] * 2, [p[transforms.SIGMA].item()] * 2)
+        if p[transforms.SOLARIZE]:
+            img = tf.solarize(img, 128 / 255)
+        expected.append(tf.normalize(img, transforms.IMAGENET_MEAN, transforms.IMAGENET_STD))
+    torch.testing.assert_close(transforms.colourise(pixels, params), torch.stack(expected), atol=1e-5, rtol=0)

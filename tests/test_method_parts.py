@@ -119,7 +119,7 @@ def test_global_views_from_each_image_and_local_crops_from_both(img_size, local_
     views = dino.views(args)
     assert [source for _, source in views] == [0, 1, 0, 1, 0]
     img = Image.new("RGB", (img_size, img_size), (120, 60, 30))
-    assert [tuple(t(img).shape[-2:]) for t, _ in views] == [(img_size,) * 2] * 2 + [(local_size,) * 2] * 3
+    assert [tuple(t(img)[0].shape[-2:]) for t, _ in views] == [(img_size,) * 2] * 2 + [(local_size,) * 2] * 3
     assert len(dino.views(argparse.Namespace(img_size=img_size, transforms="full", min_crop_scale=0.08, local_crops=0))) == 2
 
 

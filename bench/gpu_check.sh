@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Everything that needs a GPU, in one pass and in order of importance: build the extension for this
+# machine, the CUDA loss tests, training throughput (the step alone and through the loader, on
+# generated ImageNet-like JPEGs), the whole test suite with the scripts on CUDA, the step under
+# torch.compile, the fused losses against eager and compiled PyTorch. Each part has a time limit,
+# so one that hangs does not take the rest with it. Logs go to OUTDIR (default gpu_check/); naming
+# parts runs only those.
+#
+#     bash bench/gpu_check.sh [OUTDIR [PART...]]
+set -u
+out=${1:-gpu_check}
+only=" ${*:2} "
+mkdir -p "$out"
+py=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # the in-place build, for bench/
+
+part() {  # part NAME SECONDS COMMAND...: runs COMMAND under a time limit, logging to OUTDIR/NAME.log
+    local name=$1 limit=$2
+    shift 2
+    [[ $only == "  " || $only == *" $name "* ]] || return 0
+    echo "== $name: $*"
+    local start=$SECONDS
+    timeout "$limit" "$@" >"$out/$name.log" 2>&1
+    echo "   exit $? after $((SECONDS - start)) s"
+    tail -n 25 "$out/$name.log"
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+echo "$(nproc) CPUs; $($py -c 'import sys, torch; print(sys.version.split()[0], "torch", torch.__version__)')"
+part build 300 $py setup.py build_ext --inplace  # in place: pip may want to fetch setuptools
+part cuda_tests 120 $py -m pytest -q -x tests/test_losses.py
+part throughput 240 $py bench/train_throughput.py --fake-imagenet 4000
+part tests 240 $py -m pytest -q -n 12 -p no:cacheprovider tests
+part compile 180 $py bench/train_throughput.py --methods simclr --no-loader --compile
+part losses 180 $py bench/losses.py --device cuda --repeats 10
