@@ -29,7 +29,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 echo "$(nproc) CPUs; $($py -c 'import sys, torch; print(sys.version.split()[0], "torch", torch.__version__)')"
 part build 300 $py setup.py build_ext --inplace  # in place: pip may want to fetch setuptools
 part cuda_tests 120 $py -m pytest -q -x tests/test_losses.py
-part throughput 240 $py bench/train_throughput.py --fake-imagenet 4000
+part throughput 240 $py bench/train_throughput.py --fake-imagenet 40000
 part tests 240 $py -m pytest -q -n 12 -p no:cacheprovider tests
 part compile 180 $py bench/train_throughput.py --methods simclr --no-loader --compile
 part losses 180 $py bench/losses.py --device cuda --repeats 10

@@ -5,7 +5,7 @@ alone (decoding, the method's views, transfer to the device) and through both (t
     python bench/train_throughput.py --arch resnet50 --batch-size 256 --img-size 224 --steps 20 [--compile]
     python bench/train_throughput.py --arch convnet --batch-size 128 --img-size 32 --steps 10
     python bench/train_throughput.py ... --data IMAGENET/train --manifest pairs.csv --workers 16
-    python bench/train_throughput.py ... --fake-imagenet 4000   # generated ImageNet-like JPEGs
+    python bench/train_throughput.py ... --fake-imagenet 40000   # generated ImageNet-like JPEGs
 
 Each step is built from the method script's own pieces (model class, loss, optimizer, EMA) and the
 training utilities the scripts use (Run.prepare: channels_last on CUDA, --compile; Run.autocast: bf16
@@ -129,13 +129,19 @@ def loader_batches(run, loader):
             yield x1, x2
 
 
-def write_fake_imagenet(root, images, per_class=100):
+def write_fake_imagenet(root, images, per_class=100, unique_classes=16):
     """ImageNet-like class folders of 500x375 JPEGs (quality 90, about ImageNet's file size) and a
-    pairs.csv, one class per process; the loader's cost is decoding and views, not the content."""
+    pairs.csv. The first classes are generated (one per process), the rest hard-link their files:
+    the loader's cost is decoding and views, not the content, and an epoch must be many batches
+    long (each epoch's first batch waits for a whole batch of work)."""
     wnids = imagenet.synsets_1k()[:max(1, images // per_class)]
-    jobs = [(root, [wnid], per_class, (500, 375), seed, 90, False) for seed, wnid in enumerate(wnids)]
+    jobs = [(root, [wnid], per_class, (500, 375), seed, 90, False) for seed, wnid in enumerate(wnids[:unique_classes])]
     with multiprocessing.Pool() as pool:
-        pool.starmap(imagenet.synthetic_tree, jobs)
+        trees = pool.starmap(imagenet.synthetic_tree, jobs)
+    for i, wnid in enumerate(wnids[unique_classes:]):
+        (root / wnid).mkdir()
+        for j, name in enumerate(next(iter(trees[i % len(trees)].values()))):
+            os.link(root / name, root / wnid / f"{wnid}_{j}.JPEG")
     pairs.write_manifest(root / "pairs.csv", pairs.random_pairs(root, wnids, per_class // 2, seed=0))
     return str(root)
 
