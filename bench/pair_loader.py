@@ -1,7 +1,7 @@
 """Data-loader throughput (pairs/s): semantic pairs, augmented pairs, and a plain two-view
 torchvision ImageFolder loader over the same images (the embedded world's pretraining pool).
 
-    python bench/pair_loader.py [--workers 0 1] [--rounds 5] [--img-size 32]
+    python bench/pair_loader.py [--workers 0 1] [--rounds 5] [--no-cache]
 
 The three loaders are timed in interleaved rounds in one process and medians reported, so the
 ratios hold on a noisy machine. Each uses SimCLR's view pipeline and batch size 256.
@@ -42,6 +42,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--batches", type=int, default=6)
     parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--no-cache", action="store_true", help="decode every image every time, as the plain loader does")
     args = parser.parse_args()
     cfg = WorldConfig()
     root = ensure_world(cfg)
@@ -51,8 +52,10 @@ def main():
         "semantic pairs": data.pretrain_dataset(argparse.Namespace(**vars(ns), pairs="semantic"), views),
         "augmented pairs": data.pretrain_dataset(argparse.Namespace(**vars(ns), pairs="augmented"), views),
     }
+    for ds in datasets.values():
+        ds.cache_bytes = 0 if args.no_cache else ds.cache_bytes
     print(f"world {root.name}: {cfg.img_size} px, {len(datasets['semantic pairs'])} pairs, "
-          f"torch threads {torch.get_num_threads()}")
+          f"torch threads {torch.get_num_threads()}, decoded images {'not ' if args.no_cache else ''}kept")
     for workers in args.workers:
         def loaders():
             for name, ds in datasets.items():

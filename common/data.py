@@ -114,8 +114,14 @@ class PairDataset(Dataset):
     image is decoded once and viewed twice. Keys are (index, seed) from SeededBatchSampler.
     """
 
+    # Decoded images are kept (per loader worker) when all of them fit in this many bytes, as the
+    # embedded world's do: a 32-px image costs about half as much to decode as to view.
+    cache_bytes = 256 * 2**20
+
     def __init__(self, root, items, views, classes):
         self.root, self.items, self.views, self.classes = Path(root), items, views, classes
+        self.num_images = len({name for _, a, b in items for name in (a, b)})
+        self._cache = None  # decided on the first image: a dict, or False
 
     def __len__(self):
         return len(self.items)
@@ -123,10 +129,20 @@ class PairDataset(Dataset):
     def __getitem__(self, key):
         index, seed = key
         label, a, b = self.items[index]
-        img_a = load_rgb(self.root / a)
-        images = (img_a, img_a if b == a else load_rgb(self.root / b))
+        img_a = self._image(a)
+        images = (img_a, img_a if b == a else self._image(b))
         with seeded(seed):
             return (*(transform(images[source]) for transform, source in self.views), label)
+
+    def _image(self, name):
+        img = self._cache.get(name) if self._cache else None
+        if img is None:
+            img = load_rgb(self.root / name)
+            if self._cache is None:
+                self._cache = {} if self.num_images * img.width * img.height * 3 <= self.cache_bytes else False
+            if self._cache is not False:
+                self._cache[name] = img
+        return img
 
 
 class LabelledImages(Dataset):

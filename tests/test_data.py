@@ -136,6 +136,19 @@ def test_views_come_from_the_right_images_and_are_seeded(tmp_path):
     assert not torch.equal(flat((0, 8))[0], v1)
 
 
+def test_decoded_images_are_kept_when_all_fit(tmp_path):
+    make_tree(tmp_path)  # 18 images of 20 x 20
+    views = transforms.pair_views("simclr", 16)
+    kept, decoded = (data.pretrain_dataset(args_for(tmp_path, "semantic"), views) for _ in range(2))
+    decoded.cache_bytes = 18 * 20 * 20 * 3 - 1
+    for ds in (kept, decoded):
+        [ds[(i, i)] for i in range(len(ds))]
+    assert kept.num_images == 18 and len(kept._cache) == 18 and decoded._cache is False
+    for i in range(len(kept)):  # the same views, from kept images as from decoded ones
+        for (p1, c1), (p2, c2) in zip(kept[(i, 5)][:2], decoded[(i, 5)][:2]):
+            assert torch.equal(p1, p2) and torch.equal(c1, c2)
+
+
 def test_images_per_class_takes_nested_subsets(tmp_path):
     make_tree(tmp_path, per_class=10)
     small = data.pretrain_dataset(args_for(tmp_path, "semantic", images_per_class=2), [])
