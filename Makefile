@@ -20,10 +20,10 @@ $(STAMP): requirements.txt setup.py $(shell find csrc -type f 2>/dev/null) | $(P
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m eval.study --preset embedded-quick --executor local --out runs/demo
+	$(PY) -m eval.study --preset embedded-quick --executor local --jobs 2 --out runs/demo
 
 study: $(STAMP)
-	$(PY) -m eval.study --preset embedded --executor local --out runs/study
+	$(PY) -m eval.study --preset embedded --executor local --jobs 2 --out runs/study
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

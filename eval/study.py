@@ -19,18 +19,21 @@ study with other such flags needs its own --out. OUT/<cell>/cell.json records th
 the git commit of the last run that had work to do. At the end the study folder is turned into
 the paper's tables and figures (eval/report.py) in OUT/report/.
 
-Executors: `local` runs each command as a subprocess, one after another; `debug` runs them in
+Executors: `local` runs each command as a subprocess, one after another (`--jobs N`: N cells at
+a time, each on its share of the cores; 2 on 2 cores keeps both busy); `debug` runs them in
 this process (for tests and debuggers); `slurm` submits the unfinished pretraining runs as one
 submitit job array (checkpointable: on preemption or timeout the job is requeued and resumes)
 and each cell's evaluations as a job that starts after its own pretraining task succeeded.
 """
 import argparse
+import contextlib
 import json
 import os
 import runpy
 import shlex
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from fnmatch import fnmatch
 from pathlib import Path
@@ -208,21 +211,42 @@ def select(cells):
 
 # ---------------------------------------------------------------- executors
 
-def run_local(cells, root, in_process=False):
-    """Runs what is left of each cell, one command after another; commands run in the repository
-    root, so the study folder is made absolute."""
+def run_local(cells, root, in_process=False, jobs=1):
+    """Runs what is left of each cell, its commands one after another in the repository root (so
+    the study folder is made absolute). With jobs > 1, that many cells at a time, each command's
+    output going to OUT/<cell>/commands.log and each process getting its share of the cores."""
     root = Path(root).resolve()
+    todo = []
     for c in cells:
-        if not c.commands(root):
+        if c.commands(root):
+            todo.append(c)
+        else:
             print(f"[{c.name}] done", flush=True)
+    if jobs == 1 or in_process:
+        for c in todo:
+            run_cell(c, root, in_process)
+        return
+    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // jobs))
+    with ThreadPoolExecutor(jobs) as pool:
+        for future in [pool.submit(run_cell, c, root, log=True, threads=threads) for c in todo]:
+            future.result()  # a failed cell does not stop the others: its error is raised once all have run
+
+
+def run_cell(c, root, in_process=False, log=False, threads=None):
+    write_cell_record(c, root)
+    env = {**os.environ, "OMP_NUM_THREADS": threads} if threads else None
+    for cmd in c.commands(root):
+        print(f"[{c.name}] python {' '.join(cmd)}", flush=True)
+        if in_process:
+            run_in_process(cmd)
             continue
-        write_cell_record(c, root)
-        for cmd in c.commands(root):
-            print(f"[{c.name}] python {' '.join(cmd)}", flush=True)
-            if in_process:
-                run_in_process(cmd)
-            else:
-                subprocess.run([sys.executable, *cmd], cwd=REPO, check=True)
+        with open(c.folder(root) / "commands.log", "a") if log else contextlib.nullcontext() as out:
+            if out:
+                out.write(f"$ python {' '.join(cmd)}\n")
+                out.flush()
+            if subprocess.run([sys.executable, *cmd], cwd=REPO, env=env, stdout=out, stderr=out).returncode:
+                where = f": see {c.folder(root) / 'commands.log'}" if log else ""
+                raise RuntimeError(f"[{c.name}] python {' '.join(cmd)} failed{where}")
 
 
 def run_in_process(cmd):
@@ -322,6 +346,7 @@ def parse_args(argv=None):
                    "table1..table5, figure5, or paper (all of the paper's)")
     p.add_argument("--out", required=True, help="study folder")
     p.add_argument("--executor", choices=("local", "debug", "slurm"), default="local")
+    p.add_argument("--jobs", type=int, default=1, help="local executor: cells run at a time (default 1)")
     p.add_argument("--seeds", type=int, nargs="+", help="pretraining seeds (default 0 1 2; embedded-quick: 0)")
     p.add_argument("--cells", nargs="+", metavar="PATTERN",
                    help="only the preset's cells whose names match one of these shell patterns, e.g. 'simclr-*'")
@@ -381,7 +406,7 @@ def main(argv=None):
         print(f"submitted {len(train_jobs)} pretraining tasks and {len(eval_jobs)} evaluation jobs; "
               f"logs in {root / 'slurm'}; rerun this command to resubmit what is unfinished")
         return
-    run_local(cells, root, in_process=a.executor == "debug")
+    run_local(cells, root, in_process=a.executor == "debug", jobs=a.jobs)
     from eval import report
 
     report.main([str(root), "--out", str(root / "report")])

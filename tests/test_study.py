@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from contextlib import redirect_stderr, redirect_stdout
 from types import SimpleNamespace
 
@@ -159,6 +160,37 @@ def test_local_executor_runs_what_is_left_in_subprocesses(tiny_study, tmp_path, 
     seen = {row[3]: float(row[4]) for row in rows if row[:3] == ["figure4-linear", "simclr", "embedded-seen"]}
     assert seen["delta"] == pytest.approx(seen["SP"] - seen["AP"]) and seen["SP"] == pytest.approx(result["accuracy"])
     assert (root / "report" / "figure4-linear.png").is_file()
+
+
+def test_local_jobs_run_cells_side_by_side_with_their_share_of_the_cores(tiny_study, tmp_path, monkeypatch):
+    root = tmp_path / "study"
+    shutil.copytree(tiny_study.root, root, ignore=shutil.ignore_patterns("report"))
+    for name in CELLS.values():
+        (root / name / "results" / "linear-embedded-unseen-center.json").unlink()
+    spans = []
+    run = subprocess.run
+
+    def timed_run(cmd, **kwargs):
+        start = time.perf_counter()
+        result = run(cmd, **kwargs)
+        if cmd[0] == sys.executable:
+            spans.append((start, time.perf_counter(), kwargs["env"]["OMP_NUM_THREADS"]))
+        return result
+
+    monkeypatch.setattr(subprocess, "run", timed_run)
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    run_study("--executor", "local", "--jobs", "2", "--out", root)
+    assert len(spans) == 2 and max(s for s, _, _ in spans) < min(e for _, e, _ in spans)  # at the same time
+    assert {threads for _, _, threads in spans} == {str(max(1, os.cpu_count() // 2))}
+    for name in CELLS.values():
+        assert (root / name / "results" / "linear-embedded-unseen-center.json").is_file()
+        log = (root / name / "commands.log").read_text()
+        assert "$ python -m eval.linear_probe" in log and '"eval": "linear"' in log  # the command and its output
+
+    (root / CELLS["semantic"] / "results" / "linear-embedded-unseen-center.json").unlink()
+    (root / CELLS["semantic"] / "backbone.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(RuntimeError, match=f"{CELLS['semantic']}.*failed: see .*commands.log"):
+        run_study("--executor", "local", "--jobs", "2", "--out", root)
 
 
 class FakeExecutor:
