@@ -49,21 +49,29 @@ DEFAULTS = {
     "clip_grad": (3.0, 3.0),  # per-parameter gradient norm; 0 turns clipping off
     "freeze_last_layer": (1, 1),  # epochs
     "local_crops": (0, 0),  # the study uses the two global views only
+    # DINO's --use_bn_in_head. The world's small convnet gives every image nearly the same
+    # features at first (mean cosine 0.86): without BatchNorm the head's outputs differ too
+    # little across images for the teacher's sharpening to beat centring, and both go uniform.
+    "bn_in_head": (False, True),
 }
 VIT_RECIPE = {"optimizer": "adamw", "lr": 5e-4, "weight_decay": 0.04, "weight_decay_end": 0.4, "teacher_temp": 0.07}
 
 
 class DINOHead(nn.Module):
-    """Three-layer MLP (hidden 2048, GELU) to a 256-d bottleneck, L2-normalised, then a weight-
-    normalised linear layer to out_dim; its norm stays 1 when norm_last_layer."""
+    """Three-layer MLP (hidden 2048, GELU; BatchNorm before each GELU with bn) to a 256-d
+    bottleneck, L2-normalised, then a weight-normalised linear layer to out_dim; its norm stays 1
+    when norm_last_layer."""
 
-    def __init__(self, in_dim, out_dim, norm_last_layer=True, hidden_dim=2048, bottleneck_dim=256):
+    def __init__(self, in_dim, out_dim, norm_last_layer=True, hidden_dim=2048, bottleneck_dim=256, bn=False):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, hidden_dim),
-                                 nn.GELU(), nn.Linear(hidden_dim, bottleneck_dim))
-        for layer in self.mlp[::2]:
-            nn.init.trunc_normal_(layer.weight, std=0.02)
-            nn.init.zeros_(layer.bias)
+        norm = nn.BatchNorm1d if bn else nn.Identity
+        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), norm(hidden_dim), nn.GELU(),
+                                 nn.Linear(hidden_dim, hidden_dim), norm(hidden_dim), nn.GELU(),
+                                 nn.Linear(hidden_dim, bottleneck_dim))
+        for layer in self.mlp:
+            if isinstance(layer, nn.Linear):
+                nn.init.trunc_normal_(layer.weight, std=0.02)
+                nn.init.zeros_(layer.bias)
         self.last_layer = weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
         scale = self.last_layer.parametrizations.weight.original0
         scale.data.fill_(1.0)
@@ -74,10 +82,10 @@ class DINOHead(nn.Module):
 
 
 class DINO(nn.Module):
-    def __init__(self, backbone, feat_dim, out_dim, norm_last_layer):
+    def __init__(self, backbone, feat_dim, out_dim, norm_last_layer, bn_in_head=False):
         super().__init__()
         self.backbone = backbone
-        self.head = DINOHead(feat_dim, out_dim, norm_last_layer)
+        self.head = DINOHead(feat_dim, out_dim, norm_last_layer, bn=bn_in_head)
 
     def forward(self, crops):
         """Logits of a list of view batches, stacked view by view. Views of one size go through the
@@ -159,8 +167,9 @@ def main():
     loader = run.loader(data.pretrain_dataset(args, views(args)))
 
     student = DINO(*build_backbone(args.arch, args.img_size, drop_path_rate=args.drop_path_rate), args.out_dim,
-                   args.norm_last_layer)
-    teacher = DINO(*build_backbone(args.arch, args.img_size), args.out_dim, args.norm_last_layer)  # no drop path
+                   args.norm_last_layer, args.bn_in_head)
+    teacher = DINO(*build_backbone(args.arch, args.img_size), args.out_dim, args.norm_last_layer,
+                   args.bn_in_head)  # no drop path
     teacher.load_state_dict(student.state_dict())
     student, teacher = run.prepare(student), run.prepare(teacher)
     teacher.requires_grad_(False)  # after prepare: DDP wraps only modules with trainable parameters

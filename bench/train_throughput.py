@@ -72,8 +72,8 @@ def build_step(method, script, args, run):
         def after_update():
             ema.ema_update(run.unwrap(target), run.unwrap(model).encoder, args.tau)
     elif method == "dino":
-        student = script.DINO(backbone, feat_dim, args.out_dim, True)
-        teacher = script.DINO(*build_backbone(args.arch, args.img_size), args.out_dim, True)
+        student = script.DINO(backbone, feat_dim, args.out_dim, True, args.bn_in_head)
+        teacher = script.DINO(*build_backbone(args.arch, args.img_size), args.out_dim, True, args.bn_in_head)
         teacher.load_state_dict(student.state_dict())
         model, teacher = run.prepare(student), run.prepare(teacher)
         teacher.requires_grad_(False)

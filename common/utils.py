@@ -64,11 +64,18 @@ def base_parser(method, defaults, prog=None):
     p.add_argument("--eval-every", type=int, default=10, help="kNN monitor every N epochs (and at the end)")
     p.add_argument("--log-every", type=int, default=10, help="log a JSON line every N steps")
     for flag, (real, _) in defaults.items():
-        p.add_argument("--" + flag.replace("_", "-"), type=type(real), default=None,
+        kind = parse_bool if isinstance(real, bool) else type(real)
+        p.add_argument("--" + flag.replace("_", "-"), type=kind, default=None,
                        choices=list(OPTIMIZERS) if flag == "optimizer" else None,
                        help=f"default {real} on real data, {defaults[flag][1]} on the embedded world")
     p.set_defaults(method=method, method_defaults=defaults)
     return p
+
+
+def parse_bool(text):
+    if text.lower() not in ("true", "false", "1", "0"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return text.lower() in ("true", "1")
 
 
 def resolve_defaults(args, real_data=None):

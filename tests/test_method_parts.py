@@ -12,7 +12,7 @@ from torch import nn
 import byol
 import dino
 import vicreg
-from common import ema, monitor
+from common import ema, monitor, utils
 
 LN3 = math.log(3)
 
@@ -101,9 +101,10 @@ def test_gradients_are_clipped_per_parameter():
     assert model.bias.grad.tolist() == [0.5]
 
 
-@pytest.mark.parametrize("norm_last_layer", [True, False])
-def test_head_is_an_mlp_to_a_normalised_bottleneck_and_a_weight_normalised_layer(norm_last_layer):
-    head = dino.DINOHead(16, 32, norm_last_layer, hidden_dim=24, bottleneck_dim=8)
+@pytest.mark.parametrize("norm_last_layer, bn", [(True, False), (False, False), (True, True)])
+def test_head_is_an_mlp_to_a_normalised_bottleneck_and_a_weight_normalised_layer(norm_last_layer, bn):
+    head = dino.DINOHead(16, 32, norm_last_layer, hidden_dim=24, bottleneck_dim=8, bn=bn)
+    assert sum(isinstance(m, torch.nn.BatchNorm1d) for m in head.modules()) == (2 if bn else 0)
     out = head(torch.randn(5, 16))
     assert out.shape == (5, 32)
     # Unit bottleneck times unit weight rows: every logit is a cosine, in [-1, 1] at initialisation.
@@ -111,6 +112,15 @@ def test_head_is_an_mlp_to_a_normalised_bottleneck_and_a_weight_normalised_layer
     assert head.last_layer.weight.norm(dim=1).tolist() == pytest.approx([1.0] * 32, abs=1e-5)
     scale = head.last_layer.parametrizations.weight.original0
     assert scale.requires_grad is not norm_last_layer
+
+
+def test_boolean_flags_parse_true_and_false_and_default_per_data():
+    parser = utils.base_parser("dino", dino.DEFAULTS)
+    parse = lambda *argv: utils.resolve_defaults(parser.parse_args(["--pairs", "semantic", *argv]))
+    assert parse().bn_in_head is True and parse("--data", "somewhere").bn_in_head is False  # world, real data
+    assert parse("--bn-in-head", "false").bn_in_head is False and parse("--bn-in-head", "1").bn_in_head is True
+    with pytest.raises(SystemExit):
+        parse("--bn-in-head", "maybe")
 
 
 @pytest.mark.parametrize("img_size, local_size", [(224, 96), (32, 16)])

@@ -31,7 +31,9 @@ OPTIMIZER = {"vicreg": "lars", "byol": "lars", "dino": "sgd"}
 METHODS = {
     "vicreg": ["--lr", "1.6", "--expander", "512-512-512"],
     "byol": ["--lr", "2.4"],
-    "dino": ["--lr", "0.12", "--momentum-teacher", "0.9", "--out-dim", "1024"],
+    # The publication's head, without BatchNorm: BatchNorm in the head (the world's default) also
+    # keeps the outputs apart when centring is off, and the collapse compared with would not happen.
+    "dino": ["--lr", "0.12", "--momentum-teacher", "0.9", "--out-dim", "1024", "--bn-in-head", "false"],
 }
 
 
