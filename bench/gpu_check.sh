@@ -4,7 +4,7 @@
 # generated ImageNet-like JPEGs), the whole test suite with the scripts on CUDA, the step under
 # torch.compile, the fused losses against eager and compiled PyTorch. Each part has a time limit,
 # so one that hangs does not take the rest with it. Logs go to OUTDIR (default gpu_check/); naming
-# parts runs only those.
+# parts runs only those. The suite's part needs pytest-xdist, and tests/test_study.py submitit.
 #
 #     bash bench/gpu_check.sh [OUTDIR [PART...]]
 set -u
