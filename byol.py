@@ -97,7 +97,7 @@ def main():
             optimizer.step()
             ema.ema_update(run.unwrap(target), run.unwrap(model).encoder, tau_schedule[step])
             run.log(loss, lr=lr_schedule[step], tau=tau_schedule[step], embedding_std=embedding_std(p1))
-        run.end_epoch(epoch, run.unwrap(model).encoder.backbone, model=model, target=target, optimizer=optimizer)
+        run.end_epoch(epoch, run.unwrap(model).encoder.backbone)
     run.finish(run.unwrap(model).encoder.backbone)
 
 

@@ -204,8 +204,7 @@ def main():
             ema.ema_update(run.unwrap(teacher), run.unwrap(student), momentum_schedule[step])
             run.log(loss, lr=lr_schedule[step], wd=wd_schedule[step], momentum=momentum_schedule[step],
                     teacher_temp=teacher_temps[epoch], embedding_std=embedding_std(targets))
-        run.end_epoch(epoch, run.unwrap(teacher).backbone, student=student, teacher=teacher, optimizer=optimizer,
-                      center=center)
+        run.end_epoch(epoch, run.unwrap(teacher).backbone)
     run.finish(run.unwrap(teacher).backbone)
 
 

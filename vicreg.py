@@ -77,7 +77,7 @@ def main():
             loss.backward()
             optimizer.step()
             run.log(loss, lr=lr_schedule[step], embedding_std=embedding_std(z1))
-        run.end_epoch(epoch, run.unwrap(model).backbone, model=model, optimizer=optimizer)
+        run.end_epoch(epoch, run.unwrap(model).backbone)
     run.finish(run.unwrap(model).backbone)
 
 

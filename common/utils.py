@@ -215,7 +215,7 @@ class Run:
         self.out.mkdir(parents=True, exist_ok=True)
         self.checkpoint_path = self.out / "checkpoint.pth"
         self.step, self.epoch = 0, 0
-        self._objects = {}  # what checkpoints hold: the objects given to resume() and end_epoch()
+        self._objects = {}  # what checkpoints hold: the objects given to resume()
         self._resume_at = (0, 0)  # (epoch, batches of it already done)
         self._last_checkpoint = "none written yet"
         self._losses = []
@@ -262,8 +262,6 @@ class Run:
     def steps(self, loader, epoch):
         """Yields (global step, batch on the device) for one epoch, with progress and throughput;
         after a mid-epoch resume, from the batch after the checkpoint's."""
-        if self.args.checkpoint_every and not self._objects:
-            raise RuntimeError("--checkpoint-every needs the objects to save: pass them to run.resume()")
         start = self._resume_at[1] if epoch == self._resume_at[0] else 0
         self.epoch, self.steps_per_epoch = epoch, len(loader)
         self.sampler.set_epoch(epoch, start)
@@ -303,7 +301,7 @@ class Run:
         self._losses.append(loss)
         every = self.args.checkpoint_every
         if every and (self.step + 1) % every == 0 and self._batches_done < self.steps_per_epoch:
-            self.checkpoint(self.epoch, self._batches_done, self._objects)
+            self.checkpoint(self.epoch, self._batches_done)
         if self.step % self.args.log_every == 0:
             self.write_log(epoch=self.epoch, step=self.step, loss=loss, images_per_s=self.images_per_s(), **metrics)
 
@@ -335,12 +333,15 @@ class Run:
             print(f"resumed from {self._last_checkpoint}", file=sys.stderr)
         return ckpt["epoch"]
 
-    def checkpoint(self, epoch, batch, objects):
-        """Saves the objects, the random states and the position (epoch, batches of it done; the
-        global step follows) atomically, from the main process. Refuses (NonFiniteLoss) if any
-        value is not finite: a step with a finite loss can still overflow the weights."""
+    def checkpoint(self, epoch, batch):
+        """Saves the objects given to resume(), the random states and the position (epoch, batches
+        of it done; the global step follows) atomically, from the main process. Refuses
+        (NonFiniteLoss) if any value is not finite: a step with a finite loss can still overflow
+        the weights."""
+        if not self._objects:
+            raise RuntimeError("a checkpoint needs the objects to save: pass them to run.resume() first")
         state = {name: obj if isinstance(obj, torch.Tensor) else self.unwrap(obj).state_dict()
-                 for name, obj in objects.items()}
+                 for name, obj in self._objects.items()}
         if not all_finite(state):  # checked on every process: all stop together
             raise NonFiniteLoss(f"non-finite weights after epoch {self.epoch + 1}, step {self.step}; "
                                 f"last good checkpoint: {self._last_checkpoint}")
@@ -353,13 +354,12 @@ class Run:
     def describe_checkpoint(self, ckpt):
         return f"{self.checkpoint_path} (written after step {ckpt['step']}, epoch {ckpt['epoch'] + (ckpt['batch'] > 0)})"
 
-    def end_epoch(self, epoch, backbone, **objects):
+    def end_epoch(self, epoch, backbone):
         """Logs the epoch, checkpoints atomically, and runs the kNN monitor when it is due."""
         record = dict(epoch=epoch + 1, loss=float(np.mean(self._losses)), images_per_s=self.images_per_s())
         if (epoch + 1) % self.args.eval_every == 0 or epoch + 1 == self.args.epochs:
             record["knn_top1"] = self.knn(backbone)
-        self._objects = objects
-        self.checkpoint(epoch + 1, 0, objects)
+        self.checkpoint(epoch + 1, 0)
         if self.main:
             self.write_log(**record)
             tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))

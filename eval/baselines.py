@@ -43,7 +43,7 @@ def supervised(args, run, dataset, loader, backbone, feat_dim):
             loss.backward()
             optimizer.step()
             run.log(loss, lr=lr_schedule[step])
-        run.end_epoch(epoch, run.unwrap(model)[0], model=model, optimizer=optimizer)
+        run.end_epoch(epoch, run.unwrap(model)[0])
 
 
 @torch.no_grad()
