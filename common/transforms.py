@@ -71,32 +71,42 @@ class View:
 
 def colourise(pixels, params):
     """Normalised float views from a batch of View outputs: uint8 pixels (B, 3, H, W) on the device
-    that does the work, colour parameters (B, NUM_PARAMS) anywhere (which images get which
-    operation is decided on a CPU copy, so a GPU is never waited for). The jitter operations
-    follow torchvision's definitions (blends clamped to [0, 1], contrast around the mean gray
-    level, hue rotated in HSV)."""
-    x = pixels.float() / 255
+    that does the work, colour parameters (B, NUM_PARAMS) anywhere. The jitter operations follow
+    torchvision's definitions (blends clamped to [0, 1], contrast around the mean gray level, hue
+    rotated in HSV). Which images get which operation is decided on a CPU copy of the parameters;
+    the choices reach the device in non-blocking copies, so on a GPU nothing here waits for it."""
     params = params.cpu()
-    values = params.to(x.device, x.dtype)
+    order = params[:, ORDER].long()
+    # (jitter operation, images it applies to), in the order of application
+    jittered = [(k, ((order[:, position] == k) & (params[:, k] != (0 if k == HUE else 1))).nonzero()[:, 0])
+                for position in range(4) for k in range(4)]
+    blurred = (params[:, SIGMA] > 0).nonzero()[:, 0]
+    chosen = [images for _, images in jittered] + [blurred]
+    *jittered_at, blurred_at = _copy_to(torch.cat(chosen), pixels.device).split([len(c) for c in chosen])
+    values = _copy_to(params, pixels.device)
+    x = pixels.float() / 255
 
-    def indices(mask):
-        return mask.nonzero()[:, 0].to(x.device)
-
-    jitter = (_brightness, _contrast, _saturation, _hue)
-    for position in range(4):
-        for k, op in enumerate(jitter):
-            chosen = (params[:, ORDER.start + position] == k) & (params[:, k] != (0 if k == HUE else 1))
-            if chosen.any():
-                chosen = indices(chosen)
-                x[chosen] = op(x[chosen], values[chosen, k].view(-1, 1, 1, 1))
+    jitter_ops = (_brightness, _contrast, _saturation, _hue)
+    for (k, images), at in zip(jittered, jittered_at):
+        if len(images):
+            x[at] = jitter_ops[k](x[at], values[at, k].view(-1, 1, 1, 1))
     x = torch.where(values[:, GRAY].view(-1, 1, 1, 1) > 0, _gray(x).expand_as(x), x)
-    blurred = params[:, SIGMA] > 0
-    if blurred.any():
-        sigma, blurred = params[blurred, SIGMA], indices(blurred)
-        x[blurred] = _gaussian_blur(x[blurred], sigma.to(x.device, x.dtype), sigma.max().item())
+    if len(blurred):
+        x[blurred_at] = _gaussian_blur(x[blurred_at], values[blurred_at, SIGMA], params[blurred, SIGMA].max().item())
     x = torch.where((values[:, SOLARIZE].view(-1, 1, 1, 1) > 0) & (x >= 128 / 255), 1 - x, x)
-    mean, std = (x.new_tensor(v).view(1, 3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
+    mean, std = _copy_to(_MEAN_STD, x.device)
     return (x - mean) / std
+
+
+_MEAN_STD = torch.tensor([IMAGENET_MEAN, IMAGENET_STD]).view(2, 1, 3, 1, 1)
+
+
+def _copy_to(tensor, device):
+    """A CPU tensor on `device`. To a GPU from pinned memory without blocking: a plain copy there
+    waits for all the work queued before it."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def _gray(x):
@@ -130,7 +140,8 @@ def _hue(x, shift):
     hue = torch.where(chroma > 0, hue / 6, torch.zeros_like(hue))
     hue = torch.remainder(hue + shift, 1.0)
     # Each channel of an HSV colour: value - chroma * clamp(min(k, 4 - k), 0, 1), k = (n + 6 hue) mod 6.
-    k = torch.remainder(x.new_tensor([5.0, 3.0, 1.0]).view(1, 3, 1, 1) + 6 * hue, 6)
+    n = torch.arange(5.0, 0.0, -2.0, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)  # made there: no copy
+    k = torch.remainder(n + 6 * hue, 6)
     return value - chroma * torch.minimum(k, 4 - k).clamp(0, 1)
 
 

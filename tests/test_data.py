@@ -1,6 +1,7 @@
 """Data pipeline: decoding, the seeded sampler, pair datasets, the matched baseline, subsets, transforms."""
 import argparse
 import io
+import random
 
 import numpy as np
 import pytest
@@ -253,3 +254,21 @@ def test_colourise_applies_each_views_parameters_as_torchvision_does():
             img = tf.solarize(img, 128 / 255)
         expected.append(tf.normalize(img, transforms.IMAGENET_MEAN, transforms.IMAGENET_STD))
     torch.testing.assert_close(transforms.colourise(pixels, params), torch.stack(expected), atol=1e-5, rtol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_colourise_on_a_gpu_gives_the_cpus_views_without_waiting_for_the_gpu():
+    random.seed(0)
+    rng = np.random.default_rng(0)
+    views = [v(Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)))
+             for v, _ in transforms.pair_views("byol", 32) for _ in range(32)]  # every op, blur on most
+    pixels, params = (torch.stack(t) for t in zip(*views))
+    on_gpu = pixels.cuda()
+    transforms.colourise(on_gpu, params)  # first use: CUDA context, pinned-memory pool
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any synchronising call raises
+    try:
+        on_gpu = transforms.colourise(on_gpu, params)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.testing.assert_close(on_gpu.cpu(), transforms.colourise(pixels, params), atol=1e-4, rtol=0)
