@@ -5,18 +5,25 @@ alone (decoding, the method's views, transfer to the device) and through both (t
     python bench/train_throughput.py --arch resnet50 --batch-size 256 --img-size 224 --steps 20 [--compile]
     python bench/train_throughput.py --arch convnet --batch-size 128 --img-size 32 --steps 10
     python bench/train_throughput.py ... --data IMAGENET/train --manifest pairs.csv --workers 16
-    python bench/train_throughput.py ... --fake-imagenet 40000   # generated ImageNet-like JPEGs
+    python bench/train_throughput.py ... --fake-imagenet     # generated ImageNet-like JPEGs
 
 Each step is built from the method script's own pieces (model class, loss, optimizer, EMA) and the
 training utilities the scripts use (Run.prepare: channels_last on CUDA, --compile; Run.autocast: bf16
 on CUDA; Run.loader and Run.steps: pinned memory, persistent workers, non-blocking copies), mirroring
 the scripts' loops. Heads are the publications' sizes, except on the convnet (the embedded world's
 net), which gets the world's. Without --data the loader reads the embedded world (generated once).
+Loader workers default to the scripts' (8 on real data). Augmented pairs are read from every
+image of the manifest's pairs (--ap-images all): the views' cost is the same, and epochs are longer.
+
+Each worker makes whole batches and all of them start together, so batches arrive in waves of
+`workers`: timings through the loader skip two waves (start-up, then a burst of batches already
+made) and time the next six, within one epoch (a new epoch starts with a wave of waiting).
 """
 import argparse
 import copy
 import importlib
 import itertools
+import math
 import multiprocessing
 import os
 import sys
@@ -38,8 +45,9 @@ METHODS = ("simclr", "vicreg", "byol", "dino")
 def method_args(method, opts, out):
     """The method script's arguments for this benchmark, with its own defaults for the rest."""
     script = importlib.import_module(method)
-    argv = ["--pairs", "augmented", "--arch", opts.arch, "--batch-size", str(opts.batch_size), "--img-size",
-            str(opts.img_size), "--workers", str(opts.workers), "--out", out, "--device", opts.device]
+    argv = ["--pairs", "augmented", "--ap-images", "all", "--arch", opts.arch, "--batch-size", str(opts.batch_size),
+            "--img-size", str(opts.img_size), "--out", out, "--device", opts.device]
+    argv += ["--workers", str(opts.workers)] if opts.workers is not None else []
     argv += ["--data", opts.data] if opts.data else ["--world", *opts.world]
     argv += ["--manifest", opts.manifest] if opts.manifest else []
     argv += ["--compile"] if opts.compile else []
@@ -131,10 +139,9 @@ def loader_batches(run, loader):
 
 def write_fake_imagenet(root, images, per_class=100, unique_classes=16):
     """ImageNet-like class folders of 500x375 JPEGs (quality 90, about ImageNet's file size) and a
-    pairs.csv. The first classes are generated (one per process), the rest hard-link their files:
-    the loader's cost is decoding and views, not the content, and an epoch must be many batches
-    long (each epoch's first batch waits for a whole batch of work)."""
-    wnids = imagenet.synsets_1k()[:max(1, images // per_class)]
+    pairs.csv, at least `images` of them. The first classes are generated (one per process), the
+    rest hard-link their files: the loader's cost is decoding and views, not the content."""
+    wnids = imagenet.synsets_1k()[:max(1, math.ceil(images / per_class))]
     jobs = [(root, [wnid], per_class, (500, 375), seed, 90, False) for seed, wnid in enumerate(wnids[:unique_classes])]
     with multiprocessing.Pool() as pool:
         trees = pool.starmap(imagenet.synthetic_tree, jobs)
@@ -146,11 +153,17 @@ def write_fake_imagenet(root, images, per_class=100, unique_classes=16):
     return str(root)
 
 
+def loader_steps(opts, workers):
+    """(warm-up, timed) batches through the loader: two waves, then six."""
+    wave = max(1, workers)
+    return max(opts.warmup, 2 * wave), max(opts.steps, 6 * wave)
+
+
 def bench(opts):
     device = torch.device(opts.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"{name}; torch {torch.__version__}; {opts.arch}, batch {opts.batch_size} pairs, {opts.img_size} px, "
-          f"{opts.steps} steps after {opts.warmup}{', compiled' if opts.compile else ''}, {opts.workers} workers")
+          f"{opts.steps} steps after {opts.warmup}{', compiled' if opts.compile else ''}")
     print(f"{'method':8s} {'step alone':>12s} {'loader alone':>13s} {'loader+step':>12s}  (images/s)")
     for method in opts.methods:
         with tempfile.TemporaryDirectory() as out:
@@ -164,9 +177,13 @@ def bench(opts):
             if not opts.no_loader:
                 views = transforms.pair_views(method, args.img_size, "full", (args.min_crop_scale, 1.0))
                 loader = run.loader(data.pretrain_dataset(args, views))
+                warmup, steps = loader_steps(opts, args.workers)
+                if 2 * (warmup + steps) > len(loader):
+                    sys.exit(f"timing through the loader takes {2 * (warmup + steps)} batches in one epoch; "
+                             f"the data has {len(loader)}")
                 batches = loader_batches(run, loader)
-                rates.append(images_per_s(batches, lambda x1, x2: None, opts.warmup, opts.steps, opts.batch_size))
-                rates.append(images_per_s(batches, step, opts.warmup, opts.steps, opts.batch_size))
+                rates.append(images_per_s(batches, lambda x1, x2: None, warmup, steps, opts.batch_size))
+                rates.append(images_per_s(batches, step, warmup, steps, opts.batch_size))
                 batches.close()  # ends the epoch's progress bar
             tqdm.write(f"{method:8s} " + " ".join(f"{r:>12.0f}" for r in rates))
             del step, run
@@ -186,15 +203,17 @@ def main():
     parser.add_argument("--no-loader", action="store_true", help="synthetic tensors only")
     parser.add_argument("--data", help="image root with pairs.csv (default: the embedded world)")
     parser.add_argument("--manifest")
-    parser.add_argument("--fake-imagenet", type=int, metavar="IMAGES",
-                        help="read this many generated ImageNet-like JPEGs (500x375) instead of --data")
+    parser.add_argument("--fake-imagenet", action="store_true",
+                        help="read generated ImageNet-like JPEGs (500x375), as many as the timings need, instead of --data")
     parser.add_argument("--world", nargs="*", default=[], metavar="KEY=VALUE", help="embedded-world settings")
-    parser.add_argument("--workers", type=int, default=min(16, len(os.sched_getaffinity(0))))
+    parser.add_argument("--workers", type=int, help="loader processes (default: the scripts')")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     opts = parser.parse_args()
     with tempfile.TemporaryDirectory() as fake:
-        if opts.fake_imagenet:
-            opts.data, opts.manifest = write_fake_imagenet(Path(fake), opts.fake_imagenet), None
+        if opts.fake_imagenet:  # one item per image (--ap-images all), enough for both loader timings
+            workers = opts.workers if opts.workers is not None else utils.SHARED_DEFAULTS["workers"][0]
+            images = 2 * sum(loader_steps(opts, workers)) * opts.batch_size
+            opts.data, opts.manifest = write_fake_imagenet(Path(fake), images), None
         bench(opts)
 
 

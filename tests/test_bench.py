@@ -1,0 +1,35 @@
+"""bench/train_throughput.py on the CPU, so that the GPU sessions' one run of it (bench/gpu_check.sh) does not
+find its bugs."""
+import importlib.util
+import os
+
+from common import pairs
+from tests.conftest import REPO, TINY_WORLD, run_script
+
+BENCH = ["bench/train_throughput.py", "--arch", "convnet", "--img-size", "32", "--steps", "1", "--warmup", "1",
+         "--workers", "0", "--device", "cpu", "--world", *TINY_WORLD]
+
+
+def test_train_throughput_times_every_method_through_the_loader(tiny_world):
+    # 64 items (every image of the 32 pairs) in batches of 4: two loader timings of 2 + 6 batches fit one epoch
+    out = run_script(*BENCH, "--batch-size", "4").stdout
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()[2:] if line.strip()}
+    assert sorted(rows) == ["byol", "dino", "simclr", "vicreg"]
+    assert all(len(rates) == 3 and all(float(r) > 0 for r in rates) for rates in rows.values())
+
+
+def test_train_throughput_refuses_timings_that_cross_an_epoch(tiny_world):
+    proc = run_script(*BENCH, "--batch-size", "8", "--methods", "simclr", check=False)
+    assert proc.returncode != 0 and "takes 16 batches in one epoch; the data has 8" in proc.stderr
+
+
+def test_fake_imagenet_has_the_images_asked_for_and_a_manifest(tmp_path):
+    spec = importlib.util.spec_from_file_location("train_throughput", REPO / "bench/train_throughput.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    root = bench.write_fake_imagenet(tmp_path, 25, per_class=10, unique_classes=2)
+    classes = sorted(p for p in tmp_path.iterdir() if p.is_dir())
+    assert len(classes) == 3 and all(len(os.listdir(c)) == 10 for c in classes)
+    assert os.stat(classes[2] / os.listdir(classes[2])[0]).st_nlink == 2  # linked from a generated class
+    assert pairs.per_class_counts(pairs.load_pairs(tmp_path / "pairs.csv", tmp_path)) == {c.name: 5 for c in classes}
+    assert root == str(tmp_path)
