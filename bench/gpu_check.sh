@@ -3,9 +3,9 @@
 # machine, the CUDA loss tests, training throughput (the step alone and through the loader, on
 # generated ImageNet-like JPEGs, with the scripts' 8 loader workers, then 12 and 16), the whole test
 # suite with the scripts on CUDA, the step under torch.compile, the fused losses against eager and
-# compiled PyTorch. Each part has a time limit, so one that hangs does not take the rest with it. Logs go to
-# OUTDIR (default gpu_check/); naming parts runs only those. The suite's part needs pytest-xdist,
-# and tests/test_study.py submitit.
+# compiled PyTorch. Each part has a time limit, so one that hangs does not take the rest with it.
+# Logs go to OUTDIR (default gpu_check/); naming parts runs only those. The suite's part needs
+# pytest-xdist, and tests/test_study.py submitit.
 #
 #     bash bench/gpu_check.sh [OUTDIR [PART...]]
 set -u

@@ -46,8 +46,7 @@ def method_args(method, opts, out):
     """The method script's arguments for this benchmark, with its own defaults for the rest."""
     script = importlib.import_module(method)
     argv = ["--pairs", "augmented", "--ap-images", "all", "--arch", opts.arch, "--batch-size", str(opts.batch_size),
-            "--img-size", str(opts.img_size), "--out", out, "--device", opts.device]
-    argv += ["--workers", str(opts.workers)] if opts.workers is not None else []
+            "--img-size", str(opts.img_size), "--workers", str(opts.workers), "--out", out, "--device", opts.device]
     argv += ["--data", opts.data] if opts.data else ["--world", *opts.world]
     argv += ["--manifest", opts.manifest] if opts.manifest else []
     argv += ["--compile"] if opts.compile else []
@@ -163,7 +162,7 @@ def bench(opts):
     device = torch.device(opts.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"{name}; torch {torch.__version__}; {opts.arch}, batch {opts.batch_size} pairs, {opts.img_size} px, "
-          f"{opts.steps} steps after {opts.warmup}{', compiled' if opts.compile else ''}")
+          f"{opts.steps} steps after {opts.warmup}{', compiled' if opts.compile else ''}, {opts.workers} workers")
     print(f"{'method':8s} {'step alone':>12s} {'loader alone':>13s} {'loader+step':>12s}  (images/s)")
     for method in opts.methods:
         with tempfile.TemporaryDirectory() as out:
@@ -177,7 +176,7 @@ def bench(opts):
             if not opts.no_loader:
                 views = transforms.pair_views(method, args.img_size, "full", (args.min_crop_scale, 1.0))
                 loader = run.loader(data.pretrain_dataset(args, views))
-                warmup, steps = loader_steps(opts, args.workers)
+                warmup, steps = loader_steps(opts, opts.workers)
                 if 2 * (warmup + steps) > len(loader):
                     sys.exit(f"timing through the loader takes {2 * (warmup + steps)} batches in one epoch; "
                              f"the data has {len(loader)}")
@@ -209,10 +208,11 @@ def main():
     parser.add_argument("--workers", type=int, help="loader processes (default: the scripts')")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     opts = parser.parse_args()
+    if opts.workers is None:
+        opts.workers = utils.SHARED_DEFAULTS["workers"][0 if opts.arch != "convnet" else 1]
     with tempfile.TemporaryDirectory() as fake:
         if opts.fake_imagenet:  # one item per image (--ap-images all), enough for both loader timings
-            workers = opts.workers if opts.workers is not None else utils.SHARED_DEFAULTS["workers"][0]
-            images = 2 * sum(loader_steps(opts, workers)) * opts.batch_size
+            images = 2 * sum(loader_steps(opts, opts.workers)) * opts.batch_size
             opts.data, opts.manifest = write_fake_imagenet(Path(fake), images), None
         bench(opts)
 
