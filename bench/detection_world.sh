@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # SP vs AP detection transfer on the embedded world, on CPU: SimCLR-pretrained resnet18 backbones
 # (semantic and augmented pairs) and a random-init one, each fine-tuned with the C4 detector on the
-# world's VOC split (eval/voc_world.py) with two detection seeds; prints a table of AP50 / AP / AP75.
+# world's VOC split (eval/voc_world.py) with several detection seeds; prints AP50, AP and AP75 as
+# mean ± std over the seeds, and of SP - AP per seed.
 #
-#   bash bench/detection_world.sh            # EPOCHS=20 SEEDS="0 1" OUT=runs/detection-world
+#   bash bench/detection_world.sh            # EPOCHS=20 SEEDS="0 1 2 3 4 5 6 7" OUT=runs/detection-world
 #
 # On a busy 2-core machine one thread per process is several times faster than two (OMP_NUM_THREADS=1).
 set -euo pipefail
@@ -11,7 +12,7 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 OUT=${OUT:-runs/detection-world}
 EPOCHS=${EPOCHS:-20}
-SEEDS=${SEEDS:-0 1}
+SEEDS=${SEEDS:-0 1 2 3 4 5 6 7}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 mkdir -p "$OUT/r18-random"
 
@@ -29,11 +30,20 @@ for backbone in random semantic augmented; do
   done
 done
 "$PY" - "$OUT" <<'EOF'
-import json, sys
+import json, statistics, sys
 from pathlib import Path
-print(f"{'backbone':<10} {'seed':>4} {'AP50':>6} {'AP':>6} {'AP75':>6}")
-for run in sorted(Path(sys.argv[1]).glob("det-*/results.json")):
-    r = json.loads(run.read_text())
-    _, backbone, seed = run.parent.name.split("-")
-    print(f"{backbone:<10} {seed[1:]:>4} {r['AP50']:6.2f} {r['AP']:6.2f} {r['AP75']:6.2f}")
+runs = {}  # backbone: {seed: results}
+for path in sorted(Path(sys.argv[1]).glob("det-*/results.json")):
+    _, backbone, seed = path.parent.name.split("-")
+    runs.setdefault(backbone, {})[int(seed[1:])] = json.loads(path.read_text())
+metrics = ("AP50", "AP", "AP75")
+def spread(values):
+    return f"{statistics.mean(values):6.1f} ± {statistics.stdev(values) if len(values) > 1 else 0:.1f}"
+print(f"{'backbone':<10} {'seeds':>5} " + " ".join(f"{m:>12}" for m in metrics))
+for backbone, by_seed in runs.items():
+    print(f"{backbone:<10} {len(by_seed):>5}", *(spread([r[m] for r in by_seed.values()]) for m in metrics))
+seeds = sorted(set(runs.get("semantic", {})) & set(runs.get("augmented", {})))
+if seeds:  # per detection seed: the difference of two runs that share it
+    print(f"{'SP - AP':<10} {len(seeds):>5}",
+          *(spread([runs["semantic"][s][m] - runs["augmented"][s][m] for s in seeds]) for m in metrics))
 EOF
