@@ -139,8 +139,11 @@ def loader_batches(run, loader):
 def write_fake_imagenet(root, images, per_class=100, unique_classes=16):
     """ImageNet-like class folders of 500x375 JPEGs (quality 90, about ImageNet's file size) and a
     pairs.csv, at least `images` of them. The first classes are generated (one per process), the
-    rest hard-link their files: the loader's cost is decoding and views, not the content."""
-    wnids = imagenet.synsets_1k()[:max(1, math.ceil(images / per_class))]
+    rest hard-link their files: the loader's cost is decoding and views, not the content. Classes
+    get more than `per_class` images where 1,000 would hold fewer than `images`."""
+    wnids = imagenet.synsets_1k()
+    wnids = wnids[:min(len(wnids), max(1, math.ceil(images / per_class)))]
+    per_class = max(per_class, math.ceil(images / len(wnids)))
     jobs = [(root, [wnid], per_class, (500, 375), seed, 90, False) for seed, wnid in enumerate(wnids[:unique_classes])]
     with multiprocessing.Pool() as pool:
         trees = pool.starmap(imagenet.synthetic_tree, jobs)

@@ -23,13 +23,24 @@ def test_train_throughput_refuses_timings_that_cross_an_epoch(tiny_world):
     assert proc.returncode != 0 and "takes 16 batches in one epoch; the data has 8" in proc.stderr
 
 
-def test_fake_imagenet_has_the_images_asked_for_and_a_manifest(tmp_path):
+def load_bench():
     spec = importlib.util.spec_from_file_location("train_throughput", REPO / "bench/train_throughput.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    root = bench.write_fake_imagenet(tmp_path, 25, per_class=10, unique_classes=2)
+    return bench
+
+
+def test_fake_imagenet_has_the_images_asked_for_and_a_manifest(tmp_path):
+    root = load_bench().write_fake_imagenet(tmp_path, 25, per_class=10, unique_classes=2)
     classes = sorted(p for p in tmp_path.iterdir() if p.is_dir())
     assert len(classes) == 3 and all(len(os.listdir(c)) == 10 for c in classes)
     assert os.stat(classes[2] / os.listdir(classes[2])[0]).st_nlink == 2  # linked from a generated class
     assert pairs.per_class_counts(pairs.load_pairs(tmp_path / "pairs.csv", tmp_path)) == {c.name: 5 for c in classes}
     assert root == str(tmp_path)
+
+
+def test_fake_imagenet_fills_its_thousand_classes_when_asked_for_more(tmp_path, monkeypatch):
+    bench = load_bench()
+    monkeypatch.setattr(bench.imagenet, "synsets_1k", lambda: ["n01", "n02"])  # a world of two synsets
+    bench.write_fake_imagenet(tmp_path, 50, per_class=10, unique_classes=1)
+    assert sorted(len(os.listdir(c)) for c in tmp_path.iterdir() if c.is_dir()) == [25, 25]
