@@ -116,17 +116,24 @@ def build_step(method, script, args, run):
 
 
 def images_per_s(batches, work, warmup, steps, batch_size):
-    """Times `steps` calls of work(*batch) after `warmup` untimed ones (compilation, cuDNN autotuning, workers)."""
+    """Times `steps` calls of work(*batch) after `warmup` untimed ones (compilation, cuDNN autotuning,
+    workers). Returns images/s and the share of the time spent in next(batches): waiting for the
+    workers, then the copy to the device and queueing the colour operations."""
     for _ in range(warmup):
         work(*next(batches))
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     start = time.perf_counter()
+    fetching = 0.0
     for _ in range(steps):
-        work(*next(batches))
+        tick = time.perf_counter()
+        batch = next(batches)
+        fetching += time.perf_counter() - tick
+        work(*batch)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    return 2 * batch_size * steps / (time.perf_counter() - start)
+    elapsed = time.perf_counter() - start
+    return 2 * batch_size * steps / elapsed, fetching / elapsed
 
 
 def loader_batches(run, loader):
@@ -166,7 +173,8 @@ def bench(opts):
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"{name}; torch {torch.__version__}; {opts.arch}, batch {opts.batch_size} pairs, {opts.img_size} px, "
           f"{opts.steps} steps after {opts.warmup}{', compiled' if opts.compile else ''}, {opts.workers} workers")
-    print(f"{'method':8s} {'step alone':>12s} {'loader alone':>13s} {'loader+step':>12s}  (images/s)")
+    # images/s; "in loader": the share of loader+step's time spent getting batches
+    print(f"{'method':8s} {'step alone':>12s} {'loader alone':>13s} {'loader+step':>12s} {'in loader':>10s}")
     for method in opts.methods:
         with tempfile.TemporaryDirectory() as out:
             script, args = method_args(method, opts, out)
@@ -175,7 +183,7 @@ def bench(opts):
             shape = (opts.batch_size, 3, opts.img_size, opts.img_size)
             memory = torch.channels_last if device.type == "cuda" else torch.contiguous_format
             synthetic = [torch.randn(shape, device=device).contiguous(memory_format=memory) for _ in range(2)]
-            rates = [images_per_s(itertools.repeat(synthetic), step, opts.warmup, opts.steps, opts.batch_size)]
+            rates = [images_per_s(itertools.repeat(synthetic), step, opts.warmup, opts.steps, opts.batch_size)[0]]
             if not opts.no_loader:
                 views = transforms.pair_views(method, args.img_size, "full", (args.min_crop_scale, 1.0))
                 loader = run.loader(data.pretrain_dataset(args, views))
@@ -184,10 +192,12 @@ def bench(opts):
                     sys.exit(f"timing through the loader takes {2 * (warmup + steps)} batches in one epoch; "
                              f"the data has {len(loader)}")
                 batches = loader_batches(run, loader)
-                rates.append(images_per_s(batches, lambda x1, x2: None, warmup, steps, opts.batch_size))
-                rates.append(images_per_s(batches, step, warmup, steps, opts.batch_size))
+                rates.append(images_per_s(batches, lambda x1, x2: None, warmup, steps, opts.batch_size)[0])
+                rate, in_loader = images_per_s(batches, step, warmup, steps, opts.batch_size)
+                rates.append(rate)
                 batches.close()  # ends the epoch's progress bar
-            tqdm.write(f"{method:8s} " + " ".join(f"{r:>12.0f}" for r in rates))
+            tqdm.write(f"{method:8s} " + " ".join(f"{r:>12.0f}" for r in rates) +
+                       ("" if opts.no_loader else f" {in_loader:>10.0%}"))
             del step, run
             if device.type == "cuda":
                 torch.cuda.empty_cache()
