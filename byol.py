@@ -76,7 +76,7 @@ def main():
     dataset = data.pretrain_dataset(args, views)
     loader = run.loader(dataset)
 
-    backbone, feat_dim = build_backbone(args.arch, args.img_size)
+    backbone, feat_dim = build_backbone(args.arch, args.img_size, weights=args.init_backbone)
     online = BYOL(backbone, feat_dim, args.hidden_dim, args.proj_dim)
     target = copy.deepcopy(online.encoder)
     model, target = run.prepare(online), run.prepare(target)

@@ -55,7 +55,7 @@ def main():
     dataset = data.pretrain_dataset(args, views)
     loader = run.loader(dataset)
 
-    backbone, feat_dim = build_backbone(args.arch, args.img_size)
+    backbone, feat_dim = build_backbone(args.arch, args.img_size, weights=args.init_backbone)
     model = run.prepare(SimCLR(backbone, feat_dim, args.proj_dim))
     optimizer = utils.OPTIMIZERS[args.optimizer](utils.param_groups(model, args.weight_decay))
     lr_schedule = utils.cosine_schedule(args.lr * args.batch_size / 256, 0.0, args.epochs, len(loader),

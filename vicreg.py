@@ -61,7 +61,7 @@ def main():
     dataset = data.pretrain_dataset(args, views)
     loader = run.loader(dataset)
 
-    backbone, feat_dim = build_backbone(args.arch, args.img_size)
+    backbone, feat_dim = build_backbone(args.arch, args.img_size, weights=args.init_backbone)
     model = run.prepare(VICReg(backbone, feat_dim, args.expander))
     optimizer = utils.OPTIMIZERS[args.optimizer](utils.param_groups(model, args.weight_decay))
     base_lr = args.lr * args.batch_size / 256

@@ -4,6 +4,8 @@
 state dict is what a run saves as `backbone.pth`; `load_backbone` rebuilds the model from such a
 file alone, so evaluation needs nothing but the file.
 """
+from pathlib import Path
+
 import torch
 import torchvision
 from torch import nn
@@ -31,23 +33,29 @@ class ConvNet(nn.Module):
         return self.features(x).mean(dim=(2, 3))
 
 
-def build_backbone(arch, img_size=224, width=16, drop_path_rate=0.0):
-    """Returns (backbone, feature dimension)."""
+def build_backbone(arch, img_size=224, width=16, drop_path_rate=0.0, weights=None):
+    """Returns (backbone, feature dimension), newly initialised or, with `weights` (a backbone.pth of
+    the same architecture, or its state dict), starting from those."""
     if arch in ("resnet50", "resnet18"):
         model = getattr(torchvision.models, arch)()
         dim = model.fc.in_features
         model.fc = nn.Identity()
-        return model, dim
-    if arch == "convnet":
+    elif arch == "convnet":
         model = ConvNet(width)
-        return model, model.num_features
-    if arch == "vit_small_patch8":
+        dim = model.num_features
+    elif arch == "vit_small_patch8":
         import timm
 
         model = timm.create_model("vit_small_patch8_224", num_classes=0, img_size=img_size,
                                   drop_path_rate=drop_path_rate, dynamic_img_size=True)
-        return model, model.num_features
-    raise ValueError(f"unknown architecture {arch!r}; choose from {ARCHS}")
+        dim = model.num_features
+    else:
+        raise ValueError(f"unknown architecture {arch!r}; choose from {ARCHS}")
+    if isinstance(weights, (str, Path)):
+        weights = torch.load(weights, map_location="cpu", weights_only=True)
+    if weights is not None:
+        model.load_state_dict(weights, strict=True)
+    return model, dim
 
 
 def infer_arch(state_dict):
@@ -67,6 +75,4 @@ def load_backbone(path, img_size=224):
     """Rebuilds a backbone from its `backbone.pth`; returns (model, feature dimension)."""
     state = torch.load(path, map_location="cpu", weights_only=True)
     arch, width = infer_arch(state)
-    model, dim = build_backbone(arch, img_size, width=width or 16)
-    model.load_state_dict(state, strict=True)
-    return model, dim
+    return build_backbone(arch, img_size, width=width or 16, weights=state)

@@ -57,6 +57,8 @@ def base_parser(method, defaults, prog=None):
     p.add_argument("--workers", type=int, help="data-loading processes")
     p.add_argument("--out", help="output folder (default: runs/<method>-<pairs>-s<seed>)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pth if it exists")
+    p.add_argument("--init-backbone", metavar="BACKBONE.pth",
+                   help="start from this backbone (of --arch) instead of random init; heads start new")
     p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
                    help="also checkpoint every N steps within an epoch (default 0: at epoch ends only)")
     p.add_argument("--compile", action="store_true", help="torch.compile the networks")

@@ -15,7 +15,7 @@ import torch
 import torchvision
 
 from common import utils
-from common.backbones import ConvNet
+from common.backbones import ConvNet, build_backbone
 from tests.conftest import REPO, TINY_WORLD
 
 TINY_RUN = ["--batch-size", "8", "--log-every", "1", "--workers", "0", "--world", *TINY_WORLD]
@@ -71,6 +71,19 @@ def test_method_trains_and_writes_the_outputs_simclr_writes(tiny_world, tmp_path
     assert_same(backbone, part(checkpoint[saved[0]], saved[1]))
     if method == "dino":
         assert_same(backbone, part(checkpoint["student"], "backbone."), same=False)
+
+
+@pytest.mark.parametrize("method", ["simclr", "vicreg", "byol", "dino"])
+def test_training_starts_from_the_init_backbone(tiny_world, tmp_path, monkeypatch, method):
+    torch.manual_seed(123)  # not the run's seed
+    start = build_backbone("convnet")[0].state_dict()
+    torch.save(start, tmp_path / "start.pth")
+    out = tmp_path / "run"
+    train(monkeypatch, f"{method}.py", "--pairs", "semantic", "--epochs", "1", "--lr", "0", "--init-backbone",
+          tmp_path / "start.pth", "--out", out, *TINY_RUN, *TINY_HEADS.get(method, []))
+    # At learning rate 0 the weights stay where they started; BatchNorm's running statistics move.
+    weights = {k: v for k, v in load(out / "backbone.pth").items() if "running" not in k and "batches" not in k}
+    assert_same(weights, {k: start[k] for k in weights})
 
 
 @pytest.mark.parametrize("arch", ["resnet50", "vit_small_patch8"])
