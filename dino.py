@@ -166,8 +166,9 @@ def main():
     run = utils.Run(args)
     loader = run.loader(data.pretrain_dataset(args, views(args)))
 
-    backbone = build_backbone(args.arch, args.img_size, drop_path_rate=args.drop_path_rate, weights=args.init_backbone)
-    student = DINO(*backbone, args.out_dim, args.norm_last_layer, args.bn_in_head)
+    backbone, feat_dim = build_backbone(args.arch, args.img_size, drop_path_rate=args.drop_path_rate,
+                                        weights=args.init_backbone)
+    student = DINO(backbone, feat_dim, args.out_dim, args.norm_last_layer, args.bn_in_head)
     teacher = DINO(*build_backbone(args.arch, args.img_size), args.out_dim, args.norm_last_layer,
                    args.bn_in_head)  # no drop path
     teacher.load_state_dict(student.state_dict())

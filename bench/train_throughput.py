@@ -216,7 +216,7 @@ def main():
     parser.add_argument("--data", help="image root with pairs.csv (default: the embedded world)")
     parser.add_argument("--manifest")
     parser.add_argument("--fake-imagenet", action="store_true",
-                        help="read generated ImageNet-like JPEGs (500x375), as many as the timings need, instead of --data")
+                        help="read generated ImageNet-like JPEGs (500x375), as many as needed, not --data")
     parser.add_argument("--world", nargs="*", default=[], metavar="KEY=VALUE", help="embedded-world settings")
     parser.add_argument("--workers", type=int, help="loader processes (default: the scripts')")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
