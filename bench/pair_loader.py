@@ -52,8 +52,9 @@ def main():
         "semantic pairs": data.pretrain_dataset(argparse.Namespace(**vars(ns), pairs="semantic"), views),
         "augmented pairs": data.pretrain_dataset(argparse.Namespace(**vars(ns), pairs="augmented"), views),
     }
-    for ds in datasets.values():
-        ds.cache_bytes = 0 if args.no_cache else ds.cache_bytes
+    if args.no_cache:
+        for ds in datasets.values():
+            ds.cache_bytes = 0
     print(f"world {root.name}: {cfg.img_size} px, {len(datasets['semantic pairs'])} pairs, "
           f"torch threads {torch.get_num_threads()}, decoded images {'not ' if args.no_cache else ''}kept")
     for workers in args.workers:
