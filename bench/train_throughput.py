@@ -4,12 +4,14 @@ alone (decoding, the method's views, transfer to the device) and through both (t
 
     python bench/train_throughput.py --arch resnet50 --batch-size 256 --img-size 224 --steps 20 [--compile]
     python bench/train_throughput.py --arch convnet --batch-size 128 --img-size 32 --steps 10
+    python bench/train_throughput.py --arch convnet ... --precision fp32 bf16     # their ratio, one run
     python bench/train_throughput.py ... --data IMAGENET/train --manifest pairs.csv --workers 16
     python bench/train_throughput.py ... --fake-imagenet     # generated ImageNet-like JPEGs
 
 Each step is built from the method script's own pieces (model class, loss, optimizer, EMA) and the
-training utilities the scripts use (Run.prepare: channels_last on CUDA, --compile; Run.autocast: bf16
-on CUDA; Run.loader and Run.steps: pinned memory, persistent workers, non-blocking copies), mirroring
+training utilities the scripts use (Run.prepare: channels_last on CUDA and under bf16, --compile;
+Run.autocast: bf16 where --precision resolves to it; Run.loader and Run.steps: pinned memory,
+persistent workers, non-blocking copies), mirroring
 the scripts' loops. Heads are the publications' sizes, except on the convnet (the embedded world's
 net), which gets the world's. Without --data the loader reads the embedded world (generated once).
 Loader workers default to the scripts' (8 on real data). Augmented pairs are read from every
@@ -42,11 +44,12 @@ from common.backbones import build_backbone  # noqa: E402
 METHODS = ("simclr", "vicreg", "byol", "dino")
 
 
-def method_args(method, opts, out):
+def method_args(method, opts, out, precision):
     """The method script's arguments for this benchmark, with its own defaults for the rest."""
     script = importlib.import_module(method)
     argv = ["--pairs", "augmented", "--ap-images", "all", "--arch", opts.arch, "--batch-size", str(opts.batch_size),
-            "--img-size", str(opts.img_size), "--workers", str(opts.workers), "--out", out, "--device", opts.device]
+            "--img-size", str(opts.img_size), "--workers", str(opts.workers), "--out", out, "--device", opts.device,
+            "--precision", precision]
     argv += ["--data", opts.data] if opts.data else ["--world", *opts.world]
     argv += ["--manifest", opts.manifest] if opts.manifest else []
     argv += ["--compile"] if opts.compile else []
@@ -174,15 +177,14 @@ def bench(opts):
     print(f"{name}; torch {torch.__version__}; {opts.arch}, batch {opts.batch_size} pairs, {opts.img_size} px, "
           f"{opts.steps} steps after {opts.warmup}{', compiled' if opts.compile else ''}, {opts.workers} workers")
     # images/s; "in loader": the share of loader+step's time spent getting batches
-    print(f"{'method':8s} {'step alone':>12s} {'loader alone':>13s} {'loader+step':>12s} {'in loader':>10s}")
-    for method in opts.methods:
+    print(f"{'method':8s} {'precision':>9s} {'step alone':>12s} {'loader alone':>13s} {'loader+step':>12s} {'in loader':>10s}")
+    for method, precision in itertools.product(opts.methods, opts.precision):
         with tempfile.TemporaryDirectory() as out:
-            script, args = method_args(method, opts, out)
+            script, args = method_args(method, opts, out, precision)
             run = utils.Run(args)
             step = build_step(method, script, args, run)
             shape = (opts.batch_size, 3, opts.img_size, opts.img_size)
-            memory = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-            synthetic = [torch.randn(shape, device=device).contiguous(memory_format=memory) for _ in range(2)]
+            synthetic = [torch.randn(shape, device=device).contiguous(memory_format=run.memory_format) for _ in range(2)]
             rates = [images_per_s(itertools.repeat(synthetic), step, opts.warmup, opts.steps, opts.batch_size)[0]]
             if not opts.no_loader:
                 views = transforms.pair_views(method, args.img_size, "full", (args.min_crop_scale, 1.0))
@@ -196,7 +198,7 @@ def bench(opts):
                 rate, in_loader = images_per_s(batches, step, warmup, steps, opts.batch_size)
                 rates.append(rate)
                 batches.close()  # ends the epoch's progress bar
-            tqdm.write(f"{method:8s} " + " ".join(f"{r:>12.0f}" for r in rates) +
+            tqdm.write(f"{method:8s} {args.precision:>9s} " + " ".join(f"{r:>12.0f}" for r in rates) +
                        ("" if opts.no_loader else f" {in_loader:>10.0%}"))
             del step, run
             if device.type == "cuda":
@@ -212,6 +214,8 @@ def main():
     parser.add_argument("--steps", type=int, default=20, help="timed steps")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--precision", nargs="+", choices=utils.PRECISIONS, default=["auto"],
+                        help="one row per method and precision (e.g. fp32 bf16 for their ratio in one run)")
     parser.add_argument("--no-loader", action="store_true", help="synthetic tensors only")
     parser.add_argument("--data", help="image root with pairs.csv (default: the embedded world)")
     parser.add_argument("--manifest")

@@ -62,6 +62,9 @@ def base_parser(method, defaults, prog=None):
     p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
                    help="also checkpoint every N steps within an epoch (default 0: at epoch ends only)")
     p.add_argument("--compile", action="store_true", help="torch.compile the networks")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="training precision: auto = bf16 autocast (and channels_last) on CUDA and on CPUs with "
+                        "native bf16, float32 elsewhere; weights and checkpoints stay float32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--eval-every", type=int, default=10, help="kNN monitor every N epochs (and at the end)")
     p.add_argument("--log-every", type=int, default=10, help="log a JSON line every N steps")
@@ -72,6 +75,28 @@ def base_parser(method, defaults, prog=None):
                        help=f"default {real} on real data, {defaults[flag][1]} on the embedded world")
     p.set_defaults(method=method, method_defaults=defaults)
     return p
+
+
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def native_bf16(device):
+    """Whether `device` computes in bf16 natively: CUDA's own check, else the CPU's flags (x86
+    AVX512-BF16 or AMX-BF16, Arm's BF16). Without them autocast would emulate bf16, slower than float32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:  # not Linux: no way to tell, so stay in float32
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def resolve_precision(precision, device):
+    """'bf16' or 'fp32' for the --precision flag on `device`."""
+    if precision == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    return precision
 
 
 def parse_bool(text):
@@ -211,6 +236,10 @@ class Run:
         self.args = args
         self.rank, self.world_size, self.device = distributed.init(torch.device(args.device))
         self.main = self.rank == 0
+        args.precision = resolve_precision(args.precision, self.device)  # config.json records the one used
+        self.bf16 = args.precision == "bf16"
+        # channels_last is what the bf16 convolution kernels are fastest in, on CPU and CUDA alike.
+        self.memory_format = torch.channels_last if self.bf16 or self.device.type == "cuda" else torch.contiguous_format
         torch.manual_seed(args.seed)
         random.seed(args.seed)
         self.out = Path(args.out)
@@ -226,6 +255,7 @@ class Run:
             config = {k: v for k, v in vars(args).items()}
             config.update(git_commit=git_commit(), torch=torch.__version__, world_size=self.world_size)
             (self.out / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
+            print(f"training in {'bf16 autocast' if self.bf16 else 'float32'} on {self.device}", file=sys.stderr)
 
     # -- data -------------------------------------------------------------------------------
     def loader(self, dataset):
@@ -238,14 +268,12 @@ class Run:
         return data.make_loader(dataset, self.sampler, self.args.workers, self.device)
 
     def prepare(self, model, sync_bn=True):
-        """Moves the model to the device (channels_last on CUDA); under distributed training
+        """Moves the model to the device (channels_last on CUDA and under bf16); under distributed training
         converts BatchNorm to SyncBatchNorm (the recipes' global BN) and wraps it in DDP; with
         --compile, compiles it (`unwrap` gives back the plain module, for state dicts)."""
         if self.world_size > 1 and sync_bn:
             model = distributed.convert_sync_batchnorm(model, self.device)
-        model = model.to(self.device)
-        if self.device.type == "cuda":
-            model = model.to(memory_format=torch.channels_last)
+        model = model.to(self.device, memory_format=self.memory_format)
         if self.world_size > 1:
             model = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
@@ -259,7 +287,7 @@ class Run:
         return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
     def autocast(self):
-        return torch.autocast(self.device.type, torch.bfloat16, enabled=self.device.type == "cuda")
+        return torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16)
 
     def steps(self, loader, epoch):
         """Yields (global step, batch on the device) for one epoch, with progress and throughput;
@@ -282,12 +310,12 @@ class Run:
 
     def _to_device(self, item):
         """One collated item of a batch on the device: a view (uint8 pixels and colour parameters,
-        transforms.View) is coloured there, channels_last on CUDA for the channels_last model."""
+        transforms.View) is coloured there, in the model's memory format."""
         if not isinstance(item, (list, tuple)):
             return item.to(self.device, non_blocking=True)
         pixels, params = item
         views = transforms.colourise(pixels.to(self.device, non_blocking=True), params)
-        return views.contiguous(memory_format=torch.channels_last) if self.device.type == "cuda" else views
+        return views.contiguous(memory_format=self.memory_format)
 
     def images_per_s(self):
         return self._images / max(time.perf_counter() - self._tick, 1e-9)

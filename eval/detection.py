@@ -434,6 +434,7 @@ def main(argv=None):
 
         args.voc_root = str(ensure_voc(ensure_world(data.world_config(args.world))))
     train_set, test_set = voc_datasets(args.voc_root, args.train_sets, args.test_set)
+    args.precision = "fp32"  # detectron2's default (SOLVER.AMP.ENABLED False), which MoCo's setup keeps
     run = utils.Run(args)
     if run.main:
         print(f"{len(train_set)} training images ({' + '.join(args.train_sets)}), {len(test_set)} test images "

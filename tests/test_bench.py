@@ -15,8 +15,13 @@ def test_train_throughput_times_every_method_through_the_loader(tiny_world):
     out = run_script(*BENCH, "--batch-size", "4").stdout
     rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()[2:] if line.strip()}
     assert sorted(rows) == ["byol", "dino", "simclr", "vicreg"]
-    for rates in rows.values():  # images/s of the step alone, the loader alone and both; time share in the loader
+    for precision, *rates in rows.values():  # images/s of the step alone, the loader alone and both; time share in the loader
         assert len(rates) == 4 and all(float(r) > 0 for r in rates[:3]) and 0 <= float(rates[3].rstrip("%")) <= 100
+
+
+def test_train_throughput_gives_a_row_per_method_and_precision(tiny_world):
+    out = run_script(*BENCH, "--batch-size", "4", "--methods", "simclr", "--precision", "fp32", "bf16").stdout
+    assert [line.split()[:2] for line in out.splitlines()[2:] if line.strip()] == [["simclr", "fp32"], ["simclr", "bf16"]]
 
 
 def test_train_throughput_refuses_timings_that_cross_an_epoch(tiny_world):
