@@ -12,6 +12,7 @@ from torch import nn
 
 from common import data, distributed, losses, transforms, utils
 from common.backbones import build_backbone
+from common.monitor import embedding_std
 
 # flag: (real data, as in the original publication; embedded world on 2 CPU cores)
 DEFAULTS = {
@@ -41,11 +42,11 @@ class SimCLR(nn.Module):
 
 
 def simclr_loss(model, x1, x2, temperature):
-    """NT-Xent of a batch of pairs. Both views go through the network together (BatchNorm over
+    """NT-Xent of a batch of pairs, and the first view's embeddings (for the collapse monitor). Both views go through the network together (BatchNorm over
     the 2N views, as in SimCLR's code); the embeddings are gathered across processes, so every
     process's negatives are the whole global batch and the gradients those of one process."""
     z1, z2 = model(torch.cat([x1, x2])).float().chunk(2)
-    return losses.nt_xent(distributed.gather(z1), distributed.gather(z2), temperature)
+    return losses.nt_xent(distributed.gather(z1), distributed.gather(z2), temperature), z1
 
 
 def main():
@@ -66,11 +67,11 @@ def main():
         for step, (x1, x2, _) in run.steps(loader, epoch):
             utils.set_lr(optimizer, lr_schedule[step])
             with run.autocast():
-                loss = simclr_loss(model, x1, x2, args.temperature)
+                loss, z1 = simclr_loss(model, x1, x2, args.temperature)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            run.log(loss, lr=lr_schedule[step])
+            run.log(loss, lr=lr_schedule[step], embedding_std=embedding_std(z1))
         run.end_epoch(epoch, run.unwrap(model).backbone)
     run.finish(run.unwrap(model).backbone)
 

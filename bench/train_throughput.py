@@ -65,7 +65,7 @@ def build_step(method, script, args, run):
         model = run.prepare(script.SimCLR(backbone, feat_dim, args.proj_dim))
 
         def method_loss(x1, x2):
-            return script.simclr_loss(model, x1, x2, args.temperature)
+            return script.simclr_loss(model, x1, x2, args.temperature)[0]
     elif method == "vicreg":
         model = run.prepare(script.VICReg(backbone, feat_dim, args.expander))
 

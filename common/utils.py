@@ -2,6 +2,7 @@
 one `Run` object for device, processes (common/distributed.py), output folder, log, progress bar,
 checkpoints and the kNN monitor, the optimizers (LARS among them) and per-iteration schedules."""
 import argparse
+import dataclasses
 import functools
 import json
 import math
@@ -115,6 +116,10 @@ def resolve_defaults(args, real_data=None):
             setattr(args, flag, real if real_data else world)
     del args.method_defaults
     args.out = args.out or f"runs/{args.method}-{args.pairs}-s{args.seed}"
+    if not args.data:  # config.json records the world, so results of different worlds are never mixed
+        from common.world import WORLD_VERSION
+
+        args.world_version, args.world_config = WORLD_VERSION, dataclasses.asdict(data.world_config(args.world))
     return args
 
 
@@ -250,6 +255,7 @@ class Run:
         self._resume_at = (0, 0)  # (epoch, batches of it already done)
         self._last_checkpoint = "none written yet"
         self._losses = []
+        self._spreads = []  # the epoch's embedding_std values (the collapse measure, common/monitor.py)
         self._monitor = None
         if self.main:
             config = {k: v for k, v in vars(args).items()}
@@ -299,7 +305,7 @@ class Run:
                    initial=start, total=len(loader), leave=False, dynamic_ncols=True)
         self._tick, self._images = time.perf_counter(), 0
         if start == 0:
-            self._losses = []  # else: the epoch's losses before the checkpoint, restored by resume()
+            self._losses, self._spreads = [], []  # else: the epoch's values before the checkpoint, from resume()
         for i, batch in enumerate(bar, start):
             self.step, self._batches_done = epoch * len(loader) + i, i + 1
             batch = [self._to_device(b) for b in batch]
@@ -329,6 +335,8 @@ class Run:
             raise NonFiniteLoss(f"loss is {loss} at epoch {self.epoch + 1}, step {self.step}; "
                                 f"last good checkpoint: {self._last_checkpoint}")
         self._losses.append(loss)
+        if "embedding_std" in metrics:
+            self._spreads.append(float(metrics["embedding_std"]))
         every = self.args.checkpoint_every
         if every and (self.step + 1) % every == 0 and self._batches_done < self.steps_per_epoch:
             self.checkpoint(self.epoch, self._batches_done)
@@ -358,6 +366,7 @@ class Run:
                 self.unwrap(obj).load_state_dict(ckpt[name])
         set_rng_state(ckpt["rng"], self.device)
         self._resume_at, self._losses = (ckpt["epoch"], ckpt["batch"]), ckpt["epoch_losses"]
+        self._spreads = ckpt["epoch_spreads"]
         self._last_checkpoint = self.describe_checkpoint(ckpt)
         if self.main:
             print(f"resumed from {self._last_checkpoint}", file=sys.stderr)
@@ -376,6 +385,7 @@ class Run:
             raise NonFiniteLoss(f"non-finite weights after epoch {self.epoch + 1}, step {self.step}; "
                                 f"last good checkpoint: {self._last_checkpoint}")
         state.update(epoch=epoch, batch=batch, step=self.step, epoch_losses=list(self._losses),
+                     epoch_spreads=list(self._spreads),
                      args=vars(self.args), rng=rng_state(self.device))
         if self.main:
             save_atomic(state, self.checkpoint_path)
@@ -387,6 +397,8 @@ class Run:
     def end_epoch(self, epoch, backbone):
         """Logs the epoch, checkpoints atomically, and runs the kNN monitor when it is due."""
         record = dict(epoch=epoch + 1, loss=float(np.mean(self._losses)), images_per_s=self.images_per_s())
+        if self._spreads:
+            record["embedding_std"] = float(np.mean(self._spreads))
         if (epoch + 1) % self.args.eval_every == 0 or epoch + 1 == self.args.epochs:
             record["knn_top1"] = self.knn(backbone)
         self.checkpoint(epoch + 1, 0)

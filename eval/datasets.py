@@ -144,9 +144,17 @@ def add_eval_args(parser, data=True):
 
 
 def run_config(checkpoint):
-    """The config.json the training script wrote next to `checkpoint`, or {}."""
-    path = Path(checkpoint).parent / "config.json"
-    return json.loads(path.read_text()) if path.exists() else {}
+    """The config.json the training script wrote next to `checkpoint` ({} if none), with the world's
+    seed and the run's collapse measure: the last epoch's mean embedding_std in its log.jsonl
+    (None where the run logged none, e.g. the baselines)."""
+    folder = Path(checkpoint).parent
+    config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").exists() else {}
+    config["world_seed"] = (config.get("world_config") or {}).get("seed")
+    log = folder / "log.jsonl"
+    epochs = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    spreads = [r["embedding_std"] for r in epochs if "embedding_std" in r and "step" not in r]
+    config["embedding_std"] = spreads[-1] if spreads else None
+    return config
 
 
 def load_for_eval(args):

@@ -54,7 +54,11 @@ import numpy as np
 
 SCHEMA = "sempairs-eval/1"
 RUN_FIELDS = ("method", "pairs", "seed", "epochs", "images_per_class", "transforms", "arch", "batch_size",
-              "world", "data")
+              "world", "data", "world_version", "world_seed", "embedding_std")
+# A run whose embeddings end less spread than this has collapsed (common/monitor.py's embedding_std:
+# 1 spread evenly, 0 one direction). Healthy runs on the world end above 0.3; the collapsed
+# semantic-pair runs of BYOL and DINO on the first world ended at 0.06-0.17.
+COLLAPSED_BELOW = 0.2
 PAIRS = {"semantic": "SP", "augmented": "AP"}
 AXES = {"epochs": "Table 1 layout: by pretraining epochs", "crop": "Table 4 layout: centre vs random crop test",
         "images_per_class": "Table 5 layout: by pairs per class", "transforms": "Figure 5 layout: by transformations",
@@ -105,13 +109,32 @@ def load_results(folders):
     return results
 
 
+class MixedWorlds(ValueError):
+    pass
+
+
+def check_world_versions(results):
+    """Refuses results of embedded worlds of different WORLD_VERSIONs (a result without one is
+    from version 1, before runs recorded it): their numbers are not comparable."""
+    first = {}
+    for r in results:
+        if r.get("data") is None and (r.get("world_version") or r.get("dataset") == "embedded"):
+            first.setdefault(r.get("world_version") or 1, r.get("checkpoint"))
+    if len(first) > 1:
+        (v1, a), (v2, b) = sorted(first.items())[:2]
+        raise MixedWorlds(f"results of world version {v1} ({a}) and world version {v2} ({b}) cannot share a "
+                          "table: report them from separate folders")
+
+
 def entries(results):
     """One flat dict per measured value (accuracy, or one invariance score of one factor)."""
     for r in results:
-        world = " ".join(r.get("world") or []) or "default"
+        # The world's seed is a replicate, like the pretraining seed: a world setting is the rest.
+        world = " ".join(w for w in r.get("world") or [] if not w.startswith("seed=")) or "default"
         dataset = r["dataset"] + (f"-{r['split']}" if r.get("split") else "")
+        seed = r.get("seed") if r.get("world_seed") is None else (r["world_seed"], r.get("seed"))
         base = {k: r.get(k) for k in RUN_FIELDS} | {"dataset": dataset, "crop": r.get("crop", "center"),
-                                                    "world": world}
+                                                    "world": world, "seed": seed}
         if r["eval"] == "invariance":
             for factor, s in r["scores"].items():
                 for score in ("vs_instance", "vs_class"):
@@ -209,6 +232,7 @@ class Table:
     baselines: dict = field(default_factory=dict)   # (label, column) -> Stats
     decimals: int = 2
     unit: str = "accuracy (%)"
+    collapsed: set = field(default_factory=set)     # (row, column) where a run collapsed: no delta
 
 
 def build_table(rows, axis, name, title, decimals=2, unit="accuracy (%)"):
@@ -219,9 +243,11 @@ def build_table(rows, axis, name, title, decimals=2, unit="accuracy (%)"):
         method = r["method"] if r["pairs"] in PAIRS or r["method"] == r["pairs"] else f"{r['method']} ({r['pairs']})"
         return f"{method} / {r['arch']}" if len(archs) > 1 else str(method)
 
-    values = defaultdict(list)
+    values, collapsed = defaultdict(list), set()
     for r in rows:
         values[label(r), r[axis], PAIRS.get(r["pairs"], r["pairs"])].append((r["seed"], r["value"]))
+        if r["pairs"] in PAIRS and collapsed_run(r):
+            collapsed.add((label(r), r[axis]))
     cells, baselines, methods = {}, {}, []
     for (row, column, pairs), vals in values.items():
         if pairs in ("SP", "AP"):
@@ -230,12 +256,16 @@ def build_table(rows, axis, name, title, decimals=2, unit="accuracy (%)"):
         else:
             baselines[row, column] = stats(seed_means(vals))
     for (row, column, pairs) in list(cells):
-        if pairs == "SP" and (row, column, "AP") in cells:
+        if pairs == "SP" and (row, column, "AP") in cells and (row, column) not in collapsed:
             cells[row, column, "delta"] = delta(cells[row, column, "SP"], cells[row, column, "AP"])
     cells = {k: v if isinstance(v, Stats) else stats(v) for k, v in cells.items()}
     methods = sorted(set(methods), key=lambda m: (order_key("method", m.split(" ")[0]), m))
     columns = ordered(axis, [r[axis] for r in rows])
-    return Table(name, title, axis, columns, methods, cells, baselines, decimals, unit)
+    return Table(name, title, axis, columns, methods, cells, baselines, decimals, unit, collapsed)
+
+
+def collapsed_run(r):
+    return r.get("embedding_std") is not None and r["embedding_std"] < COLLAPSED_BELOW
 
 
 def tables(results):
@@ -293,7 +323,8 @@ def markdown(table):
     head = ["method"] + [f"{column_label(table.axis, c)} {p}" for c in table.columns for p in ("SP", "AP", "Δ")]
     lines = [f"### {table.title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in table.rows:
-        cells = [fmt(table.cells.get((row, c, p)), table.decimals, p == "delta")
+        cells = ["not testable here (collapsed)" if p == "delta" and (row, c) in table.collapsed
+                 else fmt(table.cells.get((row, c, p)), table.decimals, p == "delta")
                  for c in table.columns for p in ("SP", "AP", "delta")]
         lines.append("| " + " | ".join([row] + cells) + " |")
     if table.baselines:
@@ -363,13 +394,29 @@ def plot(table, path):
     plt.close(fig)
 
 
+def runs_table(results):
+    """Every pretraining run with its collapse measure, as Markdown."""
+    runs = {r.get("checkpoint"): r for r in results if r.get("pairs") in PAIRS}
+    lines = ["### Runs: the collapse measure", "",
+             f"Final embedding spread (1 even, 0 one direction; collapsed below {COLLAPSED_BELOW}).", "",
+             "| run | world seed | seed | spread | collapsed |", "|---|---|---|---|---|"]
+    for path, r in sorted(runs.items(), key=lambda item: str(item[0])):
+        spread = r.get("embedding_std")
+        lines.append(f"| {r['method']} {r['pairs']} | {r.get('world_seed', '')} | {r.get('seed', '')} | "
+                     f"{'' if spread is None else f'{spread:.2f}'} | {'yes' if collapsed_run(r) else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
 def write_report(results, out):
     """report.md, results.csv and a PNG per table in `out`; returns the tables."""
+    check_world_versions(results)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     built = tables(results)
     parts = [f"# Results\n\n{len(results)} result files. SP = semantic pairs, AP = augmented pairs, "
-             "Δ = SP − AP; mean ± std over pretraining seeds (n seeds).\n"]
+             "Δ = SP − AP; mean ± std over pretraining seeds and worlds (n runs of each). Where a run of a "
+             f"method collapsed (its final embedding spread below {COLLAPSED_BELOW}, table at the end), its Δ is "
+             "not testable here.\n"]
     with open(out / "results.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["table", "row", "column", "pairs", "mean", "std", "n"])
@@ -377,6 +424,7 @@ def write_report(results, out):
             writer.writerows(csv_rows(table))
             plot(table, out / f"{table.name}.png")
             parts.append(markdown(table) + f"\n![{table.name}]({table.name}.png)\n")
+    parts.append(runs_table(results))
     (out / "report.md").write_text("\n".join(parts))
     return built
 
@@ -391,7 +439,11 @@ def main(argv=None):
     if not results:
         sys.exit(f"error: no result files (schema {SCHEMA}) under {', '.join(args.folders)}")
     out = Path(args.out or Path(args.folders[0]) / "report")
-    built = write_report(results, out)
+    try:
+        built = write_report(results, out)
+    except MixedWorlds as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     print(f"{len(results)} results, {len(built)} tables -> {out / 'report.md'}")
 
 

@@ -89,9 +89,10 @@ def train_command(method, pairs, seed, flags):
 
 
 def cell_name(method, pairs, seed, settings):
-    """e.g. simclr-semantic-s0, simclr-augmented-epochs400-s1, supervised-background_strength0.8-s0."""
+    """e.g. simclr-semantic-s0, simclr-augmented-epochs400-s1, supervised-background_strength0.8-w1-s0
+    (w1: world seed 1)."""
     parts = [method] + ([pairs] if method in METHODS else [])
-    parts += [f"{k}{v}" for k, v in settings.items()]
+    parts += [f"w{v}" if k == "seed" else f"{k}{v}" for k, v in settings.items()]
     return "-".join(parts + [f"s{seed}"])
 
 
@@ -136,12 +137,13 @@ def embedded_evals(world=(), invariance=True):
     return evals
 
 
-def embedded_matrix(methods, seeds, invariance=True, **settings):
-    """SP and AP for each method, plus the supervised ceiling and the random-init floor."""
+def embedded_matrix(methods, world_seeds, seeds, invariance=True, **settings):
+    """SP and AP for each method, plus the supervised ceiling and the random-init floor, in each
+    world (its own classes) and for each pretraining seed."""
     evals = embedded_evals(settings.get("world", ()), invariance)
-    cells = [cell(m, p, s, evals, **settings) for m in methods for p in PAIRS for s in seeds]
-    cells += [cell(b, None, s, evals, **settings) for b in ("supervised", "random") for s in seeds]
-    return cells
+    runs = [(m, p) for m in methods for p in PAIRS] + [(b, None) for b in ("supervised", "random")]
+    # The world seed goes last among the settings, so cell names end in -w<world>-s<seed>.
+    return [cell(m, p, s, evals, **settings, world_seed=w) for m, p in runs for w in world_seeds for s in seeds]
 
 
 def paper_presets(a):
@@ -182,17 +184,22 @@ def presets(a):
     study = dict(data_flags=shlex.split(a.train_args), world=a.world or ())
     if a.epochs:
         study["epochs"] = a.epochs
-    table["embedded"] = embedded_matrix(METHODS, a.seeds, **study)
-    # The demo's quick form: two methods, 8 epochs, the probes alone (under 10 minutes on 2 cores).
-    table["embedded-quick"] = embedded_matrix(("simclr", "byol"), a.seeds, invariance=False,
+    # World seed 0 is the calibration world: the world's and the world-scale training defaults were
+    # chosen on it (README). Results are reported on held-out worlds, 1 and up.
+    held_out = a.world_seeds or (1, 2, 3)
+    table["embedded-calibration"] = embedded_matrix(METHODS, a.world_seeds or (0,), a.seeds, invariance=False,
+                                                    **study)
+    table["embedded"] = embedded_matrix(METHODS, held_out, a.seeds, **study)
+    # The demo's quick form: a contrastive and a non-contrastive method, fewer epochs, the probes alone.
+    table["embedded-quick"] = embedded_matrix(("simclr", "vicreg"), a.world_seeds or (1,), a.seeds, invariance=False,
                                               **{"epochs": 8, **study})
     # SimCLR over background strength; the default, 0.2, is the `embedded` preset's.
     table["embedded-nuisance"] = [c for strength in (0.0, 0.5, 1.0) for c in embedded_matrix(
-        ("simclr",), a.seeds, world_background_strength=strength, **study)]
+        ("simclr",), held_out, a.seeds, world_background_strength=strength, **study)]
     return table
 
 
-EMBEDDED = ("embedded", "embedded-quick", "embedded-nuisance")
+EMBEDDED = ("embedded", "embedded-quick", "embedded-nuisance", "embedded-calibration")
 
 
 def select(cells):
@@ -347,7 +354,8 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True, help="study folder")
     p.add_argument("--executor", choices=("local", "debug", "slurm"), default="local")
     p.add_argument("--jobs", type=int, default=1, help="local executor: cells run at a time (default 1)")
-    p.add_argument("--seeds", type=int, nargs="+", help="pretraining seeds (default 0 1 2; embedded-quick: 0)")
+    p.add_argument("--seeds", type=int, nargs="+",
+                   help="pretraining seeds (default 0 1 2; the embedded presets: 0, in each world)")
     p.add_argument("--cells", nargs="+", metavar="PATTERN",
                    help="only the preset's cells whose names match one of these shell patterns, e.g. 'simclr-*'")
     p.add_argument("--train-args", default="", metavar="FLAGS",
@@ -356,6 +364,9 @@ def parse_args(argv=None):
     embedded = p.add_argument_group("embedded presets")
     embedded.add_argument("--epochs", type=int, help="pretraining epochs (default: the scripts' default on the world)")
     embedded.add_argument("--world", nargs="+", metavar="KEY=VALUE", help="world settings, e.g. num_classes=20")
+    embedded.add_argument("--world-seeds", type=int, nargs="+", metavar="SEED",
+                          help="worlds to run in (default: 1 2 3, held out from calibration; embedded-quick: 1; "
+                               "embedded-calibration: 0)")
     real = p.add_argument_group("real data (paper presets)")
     real.add_argument("--imagenet", help="ImageNet train folder (ImageFolder layout)")
     real.add_argument("--manifest", help="semantic-pairs manifest (python -m common.pairs build)")
@@ -372,7 +383,7 @@ def parse_args(argv=None):
     slurm.add_argument("--time", type=int, default=72 * 60, help="minutes per job (jobs requeue and resume)")
     slurm.add_argument("--array-parallelism", type=int, default=16)
     a = p.parse_args(argv)
-    a.seeds = a.seeds or ([0] if a.preset == "embedded-quick" else [0, 1, 2])
+    a.seeds = a.seeds or ([0] if a.preset in EMBEDDED else [0, 1, 2])
     # Commands run in the repository root: paths given relative to here are made absolute.
     for name in ("imagenet", "manifest", "downstream", "voc_root"):
         if getattr(a, name):
@@ -381,8 +392,8 @@ def parse_args(argv=None):
     if a.preset not in table:
         p.error(f"unknown preset {a.preset!r}; choose from {', '.join(table)}")
     if a.preset not in EMBEDDED:
-        if a.epochs or a.world:
-            p.error("--epochs and --world apply to the embedded presets; the paper's set their own epochs")
+        if a.epochs or a.world or a.world_seeds:
+            p.error("--epochs, --world and --world-seeds apply to the embedded presets; the paper's set their own epochs")
         if not (a.imagenet and a.manifest) and not a.list:
             p.error("the paper's presets train on ImageNet: give --imagenet and --manifest")
     cells, root = select(table[a.preset]), Path(a.out).resolve()

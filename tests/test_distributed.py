@@ -65,7 +65,7 @@ def step(method, nets, views):
     model, target = nets["model"], nets.get("target")
     center = torch.linspace(-1, 1, 64, dtype=torch.float64)
     if method == "simclr":
-        loss = simclr.simclr_loss(model, views[0], views[1], temperature=0.2)
+        loss = simclr.simclr_loss(model, views[0], views[1], temperature=0.2)[0]
     elif method == "vicreg":
         loss, _ = vicreg.vicreg_loss(model, views[0], views[1], 25.0, 25.0, 1.0)
     elif method == "byol":

@@ -130,3 +130,44 @@ def test_report_figures_are_valid_pngs(results, tmp_path):
 def test_report_without_results_says_so(tmp_path):
     with pytest.raises(SystemExit, match="no result files"):
         report.main([str(tmp_path)])
+
+
+def world_result(folder, world_seed, pairs, accuracy, version=2, spread=0.5, method="simclr"):
+    result(folder, method=method, pairs=pairs, seed=0, dataset="embedded", split="seen", accuracy=accuracy,
+           world=[f"seed={world_seed}"], world_seed=world_seed, world_version=version, embedding_std=spread,
+           data=None, checkpoint=f"{method}-{pairs}-w{world_seed}/backbone.pth")
+
+
+def test_world_seeds_are_replicates_paired_by_world(tmp_path):
+    for world_seed, sp, ap in ((1, 30, 25), (2, 34, 31), (3, 29, 26)):
+        world_result(tmp_path, world_seed, "semantic", sp)
+        world_result(tmp_path, world_seed, "augmented", ap)
+    [table] = report.tables(report.load_results([tmp_path]))
+    d = table.cells["simclr", "embedded-seen", "delta"]
+    assert d.n == 3 and d.mean == pytest.approx(11 / 3) and d.std == pytest.approx(math.sqrt(4 / 3))
+    assert table.title.endswith("world default)")  # the world seed is not a setting
+
+
+def test_a_collapsed_run_makes_its_delta_not_testable(tmp_path):
+    for world_seed in (1, 2):
+        world_result(tmp_path, world_seed, "semantic", 20, method="byol", spread=0.9 * report.COLLAPSED_BELOW)
+        world_result(tmp_path, world_seed, "augmented", 25, method="byol")
+        world_result(tmp_path, world_seed, "semantic", 30)
+        world_result(tmp_path, world_seed, "augmented", 25)
+    built = report.write_report(report.load_results([tmp_path]), tmp_path / "out")
+    assert ("byol", "embedded-seen", "delta") not in built[0].cells
+    assert ("simclr", "embedded-seen", "delta") in built[0].cells
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "| byol | 20.00 ± 0.00 (n=2) | 25.00 ± 0.00 (n=2) | not testable here (collapsed) |" in text
+    assert "| byol semantic | 1 | 0 | 0.18 | yes |" in text and "| simclr semantic | 2 | 0 | 0.50 | no |" in text
+
+
+def test_results_of_two_world_versions_are_refused(tmp_path, capsys):
+    world_result(tmp_path, 1, "semantic", 30, version=2)
+    result(tmp_path, dataset="embedded", split="seen", accuracy=20, data=None, checkpoint="old/backbone.pth")
+    with pytest.raises(SystemExit) as exit_info:
+        report.main([str(tmp_path)])
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err.strip()
+    assert message.count("\n") == 0 and "world version 1 (old/backbone.pth)" in message
+    assert "world version 2 (simclr-semantic-w1/backbone.pth)" in message

@@ -21,12 +21,12 @@ import pytest
 import submitit
 import torch
 
-from common import utils
+from common import utils, world
 from eval import report, study
 from eval.features import file_digest
 from tests.conftest import REPO, TINY_WORLD
 
-CELLS = {"semantic": "simclr-semantic-epochs2-s0", "augmented": "simclr-augmented-epochs2-s0"}
+CELLS = {"semantic": "simclr-semantic-epochs2-w1-s0", "augmented": "simclr-augmented-epochs2-w1-s0"}
 TINY_STUDY = ["--preset", "embedded-quick", "--cells", "simclr-*", "--epochs", "2", "--world", *TINY_WORLD,
               "--train-args=--batch-size 8 --workers 0 --log-every 1"]
 STEPS_PER_EPOCH = 4  # 32 pairs / batch 8
@@ -84,7 +84,9 @@ def test_debug_executor_runs_the_matrix_and_reports_it(tiny_study):
         assert record["git_commit"] == utils.git_commit()
         assert record["train"][:3] == ["simclr.py", "--pairs", pairs]
         config = json.loads((folder / "config.json").read_text())
-        assert [config[k] for k in ("method", "pairs", "epochs", "world")] == ["simclr", pairs, 2, TINY_WORLD]
+        # the quick preset reports on world 1, held out from calibration (world 0)
+        assert [config[k] for k in ("method", "pairs", "epochs", "world")] == ["simclr", pairs, 2, [*TINY_WORLD, "seed=1"]]
+        assert config["world_config"]["seed"] == 1 and config["world_version"] == world.WORLD_VERSION
         assert config["git_commit"] == record["git_commit"]
         assert (folder / "backbone.pth").is_file()
         results = {p.name: json.loads(p.read_text()) for p in (folder / "results").iterdir()}

@@ -252,3 +252,10 @@ def test_command_line_writes_world_and_preview(tmp_path, capsys):
                                            unseen_classes=1, transfer_train_per_class=1,
                                            transfer_test_per_class=1).name() / "pairs.csv").is_file()
     assert Image.open(preview).size[0] > 16 * 10
+
+
+def test_the_default_world_has_probe_splits_that_resolve_a_few_points():
+    # 50-shot probes with 50 test images a class, on 100 seen and 40 unseen classes (README, Calibration)
+    cfg = WorldConfig()
+    assert cfg.transfer_train_per_class >= 50 and cfg.transfer_test_per_class >= 50 and cfg.unseen_classes >= 40
+    assert cfg.seed == 0  # the calibration world; studies report on others (eval/study.py)
