@@ -114,7 +114,7 @@ class WorldConfig:
     occlusion_prob: float = 0.3
     sticker_prob: float = 0.5
     illumination: float = 0.3           # strength of gain, colour cast and shadow ramp
-    colour_consistency: float = 0.75    # probability that a part keeps its class colour (0: shape only)
+    colour_consistency: float = 0.95    # probability that a part keeps its class colour (0: shape only)
     transfer_train_per_class: int = 50  # 50-shot probes; test noise (binomial std) about 0.7 points on the
     transfer_test_per_class: int = 50   # seen split's 5,000 test images, 1 on the unseen split's 2,000
     unseen_classes: int = 40

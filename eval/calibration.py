@@ -11,13 +11,22 @@ and no semantic-pair accuracy, so that whoever calibrates cannot see the answer:
 - per method and pair kind, the collapse measure (the last epoch's embedding spread,
   report.COLLAPSED_BELOW) and whether the run collapsed.
 Values are means over the folder's runs (world seeds x pretraining seeds).
+
+    python -m eval.calibration --colour-histogram [--world KEY=VALUE ...]
+
+is the shape criterion's reference: the linear probe (eval.linear_probe's protocol) on each
+transfer image's colour histogram (4 x 4 x 4 RGB bins) instead of a backbone's features.
 """
 import argparse
 import sys
 from collections import defaultdict
 
 import numpy as np
+import torch
+from PIL import Image
 
+from common.data import image_folder, world_config
+from eval.linear_probe import accuracy, train_probe
 from eval.report import COLLAPSED_BELOW, MixedWorlds, check_world_versions, load_results
 
 SPLITS = ("seen", "unseen")
@@ -59,11 +68,42 @@ def lines(table):
     return out
 
 
+def colour_histograms(samples, bins=4):
+    """(N x bins^3 histograms, normalised to sum 1; N labels) of the images of `samples`."""
+    features, labels = [], []
+    for path, label in samples:
+        pixels = np.asarray(Image.open(path).convert("RGB")).reshape(-1, 3) // (256 // bins)
+        codes = (pixels[:, 0] * bins + pixels[:, 1]) * bins + pixels[:, 2]
+        features.append(np.bincount(codes, minlength=bins ** 3) / len(codes))
+        labels.append(label)
+    return torch.tensor(np.array(features), dtype=torch.float32), torch.tensor(labels)
+
+
+def colour_histogram_probe(root, split):
+    """Test accuracy (%) of the linear probe on colour histograms of a world's transfer split."""
+    train, classes = image_folder(root / "transfer" / split / "train")
+    test, _ = image_folder(root / "transfer" / split / "test", classes)
+    (x, y), (x_test, y_test) = colour_histograms(train), colour_histograms(test)
+    classifier, _ = train_probe(x, y, len(classes))
+    return accuracy(classifier, x_test, y_test)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m eval.calibration", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("folder", help="a study folder (e.g. of the embedded-calibration preset)")
+    parser.add_argument("folder", nargs="?", help="a study folder (e.g. of the embedded-calibration preset)")
+    parser.add_argument("--colour-histogram", action="store_true",
+                        help="instead: the probe on colour histograms of the world given by --world")
+    parser.add_argument("--world", nargs="*", metavar="KEY=VALUE", help="embedded-world settings")
     args = parser.parse_args(argv)
+    if args.colour_histogram:
+        from common.world import ensure_world
+
+        root = ensure_world(world_config(args.world))
+        print(" ".join(f"{split} {colour_histogram_probe(root, split):.1f}%" for split in SPLITS))
+        return
+    if args.folder is None:
+        parser.error("give a study folder, or --colour-histogram")
     results = load_results([args.folder])
     try:
         check_world_versions(results)
