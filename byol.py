@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import data, ema, transforms, utils
+from common import data, ema, optim, transforms, utils
 from common.backbones import build_backbone
 from common.monitor import embedding_std
 
@@ -81,15 +81,15 @@ def main():
     target = copy.deepcopy(online.encoder)
     model, target = run.prepare(online), run.prepare(target)
     target.requires_grad_(False)  # after prepare: DDP wraps only modules with trainable parameters
-    optimizer = utils.OPTIMIZERS[args.optimizer](utils.param_groups(model, args.weight_decay))
-    lr_schedule = utils.cosine_schedule(args.lr * args.batch_size / 256, 0.0, args.epochs, len(loader),
+    optimizer = optim.OPTIMIZERS[args.optimizer](optim.param_groups(model, args.weight_decay))
+    lr_schedule = optim.cosine_schedule(args.lr * args.batch_size / 256, 0.0, args.epochs, len(loader),
                                         args.warmup_epochs)
     tau_schedule = ema.momentum_schedule(args.tau, args.epochs, len(loader))
     start_epoch = run.resume(model=model, target=target, optimizer=optimizer)
 
     for epoch in range(start_epoch, args.epochs):
         for step, (x1, x2, _) in run.steps(loader, epoch):
-            utils.set_lr(optimizer, lr_schedule[step])
+            optim.set_lr(optimizer, lr_schedule[step])
             with run.autocast():
                 loss, p1 = byol_loss(model, target, x1, x2)
             optimizer.zero_grad(set_to_none=True)

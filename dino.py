@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
-from common import data, distributed, ema, transforms, utils
+from common import data, distributed, ema, optim, transforms, utils
 from common.backbones import build_backbone
 from common.monitor import embedding_std
 
@@ -176,11 +176,11 @@ def main():
     teacher.requires_grad_(False)  # after prepare: DDP wraps only modules with trainable parameters
     center = torch.zeros(args.out_dim, device=run.device)
 
-    groups = utils.param_groups(student, args.weight_decay)  # no weight decay on biases and norms
-    optimizer = utils.OPTIMIZERS[args.optimizer](groups)
-    lr_schedule = utils.cosine_schedule(args.lr * args.batch_size / 256, args.min_lr, args.epochs, len(loader),
+    groups = optim.param_groups(student, args.weight_decay)  # no weight decay on biases and norms
+    optimizer = optim.OPTIMIZERS[args.optimizer](groups)
+    lr_schedule = optim.cosine_schedule(args.lr * args.batch_size / 256, args.min_lr, args.epochs, len(loader),
                                         args.warmup_epochs)
-    wd_schedule = utils.cosine_schedule(args.weight_decay, args.weight_decay_end, args.epochs, len(loader))
+    wd_schedule = optim.cosine_schedule(args.weight_decay, args.weight_decay_end, args.epochs, len(loader))
     momentum_schedule = ema.momentum_schedule(args.momentum_teacher, args.epochs, len(loader))
     warmup = min(args.teacher_temp_warmup_epochs, args.epochs)
     teacher_temps = np.concatenate([np.linspace(0.04, args.teacher_temp, warmup),
@@ -189,7 +189,7 @@ def main():
 
     for epoch in range(start_epoch, args.epochs):
         for step, (*crops, _) in run.steps(loader, epoch):
-            utils.set_lr(optimizer, lr_schedule[step])
+            optim.set_lr(optimizer, lr_schedule[step])
             optimizer.param_groups[0]["weight_decay"] = float(wd_schedule[step])  # the group with decay
             with run.autocast():
                 loss, targets = dino_step_loss(student, teacher, crops, center, teacher_temps[epoch],

@@ -10,7 +10,7 @@ from image_a). The NT-Xent loss treats each view's partner as its positive and t
 import torch
 from torch import nn
 
-from common import data, distributed, losses, transforms, utils
+from common import data, distributed, losses, optim, transforms, utils
 from common.backbones import build_backbone
 
 # flag: (real data, as in the original publication; embedded world on 2 CPU cores)
@@ -57,14 +57,14 @@ def main():
 
     backbone, feat_dim = build_backbone(args.arch, args.img_size, weights=args.init_backbone)
     model = run.prepare(SimCLR(backbone, feat_dim, args.proj_dim))
-    optimizer = utils.OPTIMIZERS[args.optimizer](utils.param_groups(model, args.weight_decay))
-    lr_schedule = utils.cosine_schedule(args.lr * args.batch_size / 256, 0.0, args.epochs, len(loader),
+    optimizer = optim.OPTIMIZERS[args.optimizer](optim.param_groups(model, args.weight_decay))
+    lr_schedule = optim.cosine_schedule(args.lr * args.batch_size / 256, 0.0, args.epochs, len(loader),
                                         args.warmup_epochs)
     start_epoch = run.resume(model=model, optimizer=optimizer)
 
     for epoch in range(start_epoch, args.epochs):
         for step, (x1, x2, _) in run.steps(loader, epoch):
-            utils.set_lr(optimizer, lr_schedule[step])
+            optim.set_lr(optimizer, lr_schedule[step])
             with run.autocast():
                 loss = simclr_loss(model, x1, x2, args.temperature)
             optimizer.zero_grad(set_to_none=True)

@@ -11,7 +11,7 @@ so variance and covariance are those of the global batch. LARS, warm-up, cosine 
 """
 from torch import nn
 
-from common import data, distributed, losses, transforms, utils
+from common import data, distributed, losses, optim, transforms, utils
 from common.backbones import build_backbone
 from common.monitor import embedding_std
 
@@ -63,14 +63,14 @@ def main():
 
     backbone, feat_dim = build_backbone(args.arch, args.img_size, weights=args.init_backbone)
     model = run.prepare(VICReg(backbone, feat_dim, args.expander))
-    optimizer = utils.OPTIMIZERS[args.optimizer](utils.param_groups(model, args.weight_decay))
+    optimizer = optim.OPTIMIZERS[args.optimizer](optim.param_groups(model, args.weight_decay))
     base_lr = args.lr * args.batch_size / 256
-    lr_schedule = utils.cosine_schedule(base_lr, base_lr / 1000, args.epochs, len(loader), args.warmup_epochs)
+    lr_schedule = optim.cosine_schedule(base_lr, base_lr / 1000, args.epochs, len(loader), args.warmup_epochs)
     start_epoch = run.resume(model=model, optimizer=optimizer)
 
     for epoch in range(start_epoch, args.epochs):
         for step, (x1, x2, _) in run.steps(loader, epoch):
-            utils.set_lr(optimizer, lr_schedule[step])
+            optim.set_lr(optimizer, lr_schedule[step])
             with run.autocast():
                 loss, z1 = vicreg_loss(model, x1, x2, args.sim_coeff, args.std_coeff, args.cov_coeff)
             optimizer.zero_grad(set_to_none=True)

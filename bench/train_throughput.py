@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the method scripts are top-level modules
 
-from common import data, ema, imagenet, pairs, transforms, utils  # noqa: E402
+from common import data, ema, imagenet, optim, pairs, transforms, utils  # noqa: E402
 from common.backbones import build_backbone  # noqa: E402
 
 METHODS = ("simclr", "vicreg", "byol", "dino")
@@ -100,8 +100,8 @@ def build_step(method, script, args, run):
             ema.ema_update(run.unwrap(teacher), run.unwrap(model), args.momentum_teacher)
     else:
         raise ValueError(method)
-    optimizer = utils.OPTIMIZERS[args.optimizer](utils.param_groups(model, args.weight_decay))
-    utils.set_lr(optimizer, args.lr * args.batch_size / 256)
+    optimizer = optim.OPTIMIZERS[args.optimizer](optim.param_groups(model, args.weight_decay))
+    optim.set_lr(optimizer, args.lr * args.batch_size / 256)
 
     def step(x1, x2):
         with run.autocast():

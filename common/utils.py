@@ -1,8 +1,7 @@
-"""Training utilities shared by simclr.py, vicreg.py, byol.py and dino.py: the common flags,
+"""Training utilities shared by simclr.py, vicreg.py, byol.py and dino.py: the common flags and
 one `Run` object for device, processes (common/distributed.py), output folder, log, progress bar,
-checkpoints and the kNN monitor, the optimizers (LARS among them) and per-iteration schedules."""
+checkpoints and the kNN monitor. Optimizers and schedules are in common/optim.py."""
 import argparse
-import functools
 import json
 import math
 import os
@@ -18,6 +17,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from common import data, distributed, transforms
+from common.optim import OPTIMIZERS
 from common.pairs import ManifestError
 
 
@@ -116,57 +116,6 @@ def resolve_defaults(args, real_data=None):
     del args.method_defaults
     args.out = args.out or f"runs/{args.method}-{args.pairs}-s{args.seed}"
     return args
-
-
-def cosine_schedule(base, final, epochs, steps_per_epoch, warmup_epochs=0, warmup_start=0.0):
-    """Per-iteration values: linear warm-up from warmup_start to base, then cosine to final."""
-    warmup_epochs = min(warmup_epochs, epochs)
-    warmup = np.linspace(warmup_start, base, warmup_epochs * steps_per_epoch, endpoint=False)
-    steps = np.arange(epochs * steps_per_epoch - len(warmup))
-    cosine = final + 0.5 * (base - final) * (1 + np.cos(np.pi * steps / max(len(steps), 1)))
-    return np.concatenate([warmup, cosine])
-
-
-def param_groups(model, weight_decay):
-    """Weights get weight decay and LARS adaptation; biases and norm parameters get neither."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    rest = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    return [{"params": decay, "weight_decay": weight_decay, "lars": True},
-            {"params": rest, "weight_decay": 0.0, "lars": False}]
-
-
-class LARS(torch.optim.Optimizer):
-    """SGD with momentum and a layer-wise trust ratio (You et al., 2017), as in SimCLR, BYOL and
-    VICReg: the update of each weight tensor is rescaled by eta * ||w|| / ||g + wd * w||."""
-
-    def __init__(self, params, lr=0.0, weight_decay=0.0, momentum=0.9, eta=0.001):
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta, lars=True))
-
-    @torch.no_grad()
-    def step(self):
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                update = p.grad.add(p, alpha=group["weight_decay"])
-                if group["lars"]:
-                    w_norm, u_norm = p.norm(), update.norm()
-                    trust = torch.where((w_norm > 0) & (u_norm > 0), group["eta"] * w_norm / u_norm, 1.0)
-                    update.mul_(trust)
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p)
-                buf = state["momentum_buffer"].mul_(group["momentum"]).add_(update)
-                p.add_(buf, alpha=-group["lr"])
-
-
-# Per-method `--optimizer` choices; each script's DEFAULTS names its publication's and the world's.
-OPTIMIZERS = {"lars": LARS, "adamw": torch.optim.AdamW, "sgd": functools.partial(torch.optim.SGD, momentum=0.9)}
-
-
-def set_lr(optimizer, lr):
-    for group in optimizer.param_groups:
-        group["lr"] = float(lr)  # a numpy scalar would not load with weights_only=True
 
 
 def git_commit():

@@ -45,7 +45,7 @@ from torchvision.ops import RoIAlign
 from torchvision.transforms.functional import pil_to_tensor
 from tqdm import tqdm
 
-from common import data, utils
+from common import data, optim, utils
 from common.backbones import build_backbone, infer_arch
 from common.transforms import IMAGENET_MEAN, IMAGENET_STD
 from eval import report
@@ -469,7 +469,7 @@ def main(argv=None):
     tick, seen = time.perf_counter(), 0
     for it, (images, targets, _) in zip(bar, batches(loader, sampler, *divmod(start, len(sampler)))):
         lr = learning_rate(it, base_lr, args.iters, args.warmup_iters)
-        utils.set_lr(optimizer, lr)
+        optim.set_lr(optimizer, lr)
         images = [x.to(run.device, non_blocking=True) for x in images]
         targets = [{k: v.to(run.device, non_blocking=True) for k, v in t.items()} for t in targets]
         losses = model(images, targets)

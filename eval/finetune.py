@@ -33,14 +33,14 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.transforms import v2
 
-from common import utils
+from common import optim, utils
 from common.backbones import build_backbone
 from common.data import ImageError, SeededBatchSampler, make_loader
 from common.transforms import to_tensor
 from eval import report
+from eval.features import extract_features
 from eval.datasets import (Views, add_eval_args, data_root, eval_view, labelled_images, load_for_eval, result_path,
                            view_protocol)
-from eval.features import extract_features
 
 
 class FineTuned(nn.Module):
@@ -117,7 +117,7 @@ def main(argv=None):
 
     model = FineTuned(backbone, dim, len(classes)).to(device)
     optimizer = torch.optim.AdamW(param_groups(model, args.arch, args.weight_decay, args.layer_decay), lr=0.0)
-    lr_schedule = utils.cosine_schedule(args.lr * args.batch_size / 256, args.min_lr, args.epochs, len(loader),
+    lr_schedule = optim.cosine_schedule(args.lr * args.batch_size / 256, args.min_lr, args.epochs, len(loader),
                                         args.warmup_epochs)
     out = result_path(args, "finetune", args.crop)
     split = f"-{args.split}" if args.dataset == "embedded" else ""
