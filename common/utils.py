@@ -17,6 +17,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from common import data, distributed, transforms
+from common.features import extract_features, knn_accuracy
 from common.optim import OPTIMIZERS
 from common.pairs import ManifestError
 
@@ -345,10 +346,6 @@ class Run:
 
     def knn(self, backbone):
         """kNN top-1 (k=20, T=0.07) of the backbone on the monitor split, or None if there is none."""
-        from common.transforms import eval_transform
-        from eval.features import extract_features
-        from eval.knn import knn_accuracy
-
         if not self.main:
             return None
         if self._monitor is None:
@@ -357,7 +354,7 @@ class Run:
                 self._monitor = False
             else:
                 bank, queries, classes = split
-                tf = eval_transform(self.args.img_size, 1.0 if self.args.data is None else 256 / 224)
+                tf = transforms.eval_transform(self.args.img_size, 1.0 if self.args.data is None else 256 / 224)
                 self._monitor = (data.LabelledImages(bank, tf, classes), data.LabelledImages(queries, tf, classes))
         if not self._monitor:
             return None

@@ -36,9 +36,9 @@ from torchvision.transforms import v2
 from common import optim, utils
 from common.backbones import build_backbone
 from common.data import ImageError, SeededBatchSampler, make_loader
+from common.features import extract_features
 from common.transforms import to_tensor
 from eval import report
-from eval.features import extract_features
 from eval.datasets import (Views, add_eval_args, data_root, eval_view, labelled_images, load_for_eval, result_path,
                            view_protocol)
 

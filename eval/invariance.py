@@ -29,11 +29,11 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from common.data import world_config
+from common.features import extract_features
 from common.transforms import eval_transform
 from common.utils import run_main
 from eval import report
 from eval.datasets import add_eval_args, load_for_eval, result_path, world_settings
-from eval.features import extract_features
 
 
 class ArrayImages(Dataset):
