@@ -25,7 +25,11 @@ def param_groups(model, weight_decay):
 
 class LARS(torch.optim.Optimizer):
     """SGD with momentum and a layer-wise trust ratio (You et al., 2017), as in SimCLR, BYOL and
-    VICReg: the update of each weight tensor is rescaled by eta * ||w|| / ||g + wd * w||."""
+    VICReg: the update of each weight tensor is rescaled by eta * ||w|| / ||g + wd * w||.
+
+    Each group is updated with torch._foreach ops, a few kernels per group instead of several per
+    parameter. timm's Lars is not used: its trust ratio divides by ||g|| + wd * ||w|| + eps (an
+    upper bound of ||g + wd * w||; timm/optim/lars.py, _lars_trust_ratio), so its updates differ."""
 
     def __init__(self, params, lr=0.0, weight_decay=0.0, momentum=0.9, eta=0.001):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta, lars=True))
@@ -33,19 +37,24 @@ class LARS(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self):
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                update = p.grad.add(p, alpha=group["weight_decay"])
-                if group["lars"]:
-                    w_norm, u_norm = p.norm(), update.norm()
-                    trust = torch.where((w_norm > 0) & (u_norm > 0), group["eta"] * w_norm / u_norm, 1.0)
-                    update.mul_(trust)
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            updates = torch._foreach_add([p.grad for p in params], params, alpha=group["weight_decay"])
+            if group["lars"]:
+                w_norms = torch.stack(torch._foreach_norm(params))
+                u_norms = torch.stack(torch._foreach_norm(updates))
+                trust = torch.where((w_norms > 0) & (u_norms > 0), group["eta"] * w_norms / u_norms, 1.0)
+                torch._foreach_mul_(updates, list(trust.unbind()))
+            buffers = []
+            for p in params:
                 state = self.state[p]
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(p)
-                buf = state["momentum_buffer"].mul_(group["momentum"]).add_(update)
-                p.add_(buf, alpha=-group["lr"])
+                buffers.append(state["momentum_buffer"])
+            torch._foreach_mul_(buffers, group["momentum"])
+            torch._foreach_add_(buffers, updates)
+            torch._foreach_add_(params, buffers, alpha=-group["lr"])
 
 
 # Per-method `--optimizer` choices; each script's DEFAULTS names its publication's and the world's.
