@@ -156,7 +156,7 @@ def main(argv=None):
               file=sys.stderr)
 
     test_images, _ = labelled_images(args.dataset, args.data_root, "test", args.split)
-    test = Views(test_images, eval_view(args.dataset, args.img_size, args.crop), args.seed)
+    test = Views(test_images, eval_view(args.img_size, args.crop), args.seed)
     logits, labels = extract_features(model, test, device, args.batch_size, args.workers)
     acc = 100.0 * (logits.argmax(1) == labels).float().mean().item()
     protocol = {"name": "full-finetune (MAE recipe without RandAugment/mixup/cutmix/erasing)",
@@ -167,7 +167,7 @@ def main(argv=None):
                 "drop_path": args.drop_path if args.arch == "vit_small_patch8" else None,
                 "label_smoothing": args.label_smoothing,
                 "train_view": {"img_size": args.img_size, "crop": "RandomResizedCrop(0.08, 1) + flip"},
-                "test_view": view_protocol(args.dataset, args.img_size, args.crop, args.seed)}
+                "test_view": view_protocol(args.img_size, args.crop, args.seed)}
     record = report.result_record(args, "finetune", accuracy=acc, num_classes=len(classes), num_train=len(train),
                                   num_test=len(test), protocol=protocol, time_s=time.time() - start)
     path = report.write_result(record, out)

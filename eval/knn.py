@@ -35,8 +35,8 @@ def main(argv=None):
                        args.k, args.temperature)
     protocol = {"name": "weighted-knn", "k": args.k, "temperature": args.temperature,
                 "features": "global-pooled, L2-normalised, backbone in eval mode, centre view",
-                "train_view": view_protocol(args.dataset, args.img_size, "center", args.seed),
-                "test_view": view_protocol(args.dataset, args.img_size, args.crop, args.seed)}
+                "train_view": view_protocol(args.img_size, "center", args.seed),
+                "test_view": view_protocol(args.img_size, args.crop, args.seed)}
     record = report.result_record(args, "knn", accuracy=acc, num_classes=len(classes), num_train=len(bank_labels),
                                   num_test=len(labels), protocol=protocol, time_s=time.time() - start)
     path = report.write_result(record, result_path(args, "knn", args.crop))
