@@ -48,29 +48,51 @@ def simclr_loss(model, x1, x2, temperature):
     return losses.nt_xent(distributed.gather(z1), distributed.gather(z2), temperature)
 
 
-def main():
-    args = utils.resolve_defaults(utils.base_parser("simclr", DEFAULTS).parse_args())
-    run = utils.Run(args)
-    views = transforms.pair_views("simclr", args.img_size, args.transforms, (args.min_crop_scale, 1.0))
-    dataset = data.pretrain_dataset(args, views)
-    loader = run.loader(dataset)
+def parse_args(argv=None, real_data=None):
+    """The flags, unset ones filled with the real-data or the world's defaults (utils.resolve_defaults)."""
+    return utils.resolve_defaults(utils.base_parser("simclr", DEFAULTS).parse_args(argv), real_data)
 
+
+def build(args, run):
+    """The network and its optimizer, on the run's device."""
     backbone, feat_dim = build_backbone(args.arch, args.img_size, weights=args.init_backbone)
     model = run.prepare(SimCLR(backbone, feat_dim, args.proj_dim))
     optimizer = optim.OPTIMIZERS[args.optimizer](optim.param_groups(model, args.weight_decay))
-    lr_schedule = optim.cosine_schedule(args.lr * args.batch_size / 256, 0.0, args.epochs, len(loader),
-                                        args.warmup_epochs)
+    return model, optimizer
+
+
+def schedules(args, steps_per_epoch):
+    """Per-step values of train_step's scheduled arguments."""
+    return {"lr": optim.cosine_schedule(args.lr * args.batch_size / 256, 0.0, args.epochs, steps_per_epoch,
+                                        args.warmup_epochs)}
+
+
+def train_step(model, optimizer, run, args, views, lr):
+    """One optimisation step on a batch of pairs (views: [view 1, view 2]); returns the loss."""
+    optim.set_lr(optimizer, lr)
+    x1, x2 = views
+    with run.autocast():
+        loss = simclr_loss(model, x1, x2, args.temperature)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss
+
+
+def main():
+    args = parse_args()
+    run = utils.Run(args)
+    pair_views = transforms.pair_views("simclr", args.img_size, args.transforms, (args.min_crop_scale, 1.0))
+    loader = run.loader(data.pretrain_dataset(args, pair_views))
+    model, optimizer = build(args, run)
+    schedule = schedules(args, len(loader))
     start_epoch = run.resume(model=model, optimizer=optimizer)
 
     for epoch in range(start_epoch, args.epochs):
-        for step, (x1, x2, _) in run.steps(loader, epoch):
-            optim.set_lr(optimizer, lr_schedule[step])
-            with run.autocast():
-                loss = simclr_loss(model, x1, x2, args.temperature)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            run.log(loss, lr=lr_schedule[step])
+        for step, (*views, _) in run.steps(loader, epoch):
+            values = {name: values[step].item() for name, values in schedule.items()}
+            loss = train_step(model, optimizer, run, args, views, **values)
+            run.log(loss, **values)
         run.end_epoch(epoch, run.unwrap(model).backbone)
     run.finish(run.unwrap(model).backbone)
 

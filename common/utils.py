@@ -36,26 +36,33 @@ SHARED_DEFAULTS = {
 
 def base_parser(method, defaults, prog=None):
     """The flags every method script shares, plus `defaults`: {flag: (real data, embedded world)}
-    for the method's own flags (a None default is filled in by `resolve_defaults`)."""
+    for the method's own flags, or overriding a shared flag's (a None default is filled in by
+    `resolve_defaults`)."""
+    table = {**SHARED_DEFAULTS, **defaults}
+
+    def default(flag):
+        real, world = table[flag]
+        return f"default {real} on real data, {world} on the embedded world"
+
     p = argparse.ArgumentParser(prog or f"{method}.py", description=f"{method} pretraining on semantic or augmented pairs")
     p.add_argument("--pairs", choices=("semantic", "augmented"), required=prog is None,
                    help="semantic: views of two same-class images; augmented: two views of one image")
     p.add_argument("--data", help="image root in ImageFolder layout (default: the embedded nuisance world)")
     p.add_argument("--manifest", help="semantic-pairs CSV, paths relative to --data (default: DATA/pairs.csv)")
     p.add_argument("--world", nargs="*", metavar="KEY=VALUE", help="embedded-world settings, e.g. background_strength=0.8")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int, help="global batch size (pairs), split over processes")
-    p.add_argument("--arch", choices=("resnet50", "resnet18", "convnet", "vit_small_patch8"))
-    p.add_argument("--img-size", type=int)
+    p.add_argument("--epochs", type=int, help=default("epochs"))
+    p.add_argument("--batch-size", type=int, help="global batch size (pairs), split over processes; " + default("batch_size"))
+    p.add_argument("--arch", choices=("resnet50", "resnet18", "convnet", "vit_small_patch8"), help=default("arch"))
+    p.add_argument("--img-size", type=int, help=default("img_size"))
     p.add_argument("--transforms", choices=transforms.ABLATIONS, default="full",
                    help="the paper's augmentation ablations")
-    p.add_argument("--min-crop-scale", type=float, help="smallest area fraction of the random resized crop")
+    p.add_argument("--min-crop-scale", type=float, help="smallest area fraction of the random resized crop; " + default("min_crop_scale"))
     p.add_argument("--images-per-class", type=int, help="nested subset: the first N pairs of each class")
     p.add_argument("--ap-images", choices=("image_a", "all"), default="image_a",
                    help="augmented pairs from image_a of each pair (matched count) or every unique image")
-    p.add_argument("--warmup-epochs", type=int)
+    p.add_argument("--warmup-epochs", type=int, help=default("warmup_epochs"))
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, help="data-loading processes")
+    p.add_argument("--workers", type=int, help="data-loading processes; " + default("workers"))
     p.add_argument("--out", help="output folder (default: runs/<method>-<pairs>-s<seed>)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pth if it exists")
     p.add_argument("--init-backbone", metavar="BACKBONE.pth",
@@ -70,10 +77,12 @@ def base_parser(method, defaults, prog=None):
     p.add_argument("--eval-every", type=int, default=10, help="kNN monitor every N epochs (and at the end)")
     p.add_argument("--log-every", type=int, default=10, help="log a JSON line every N steps")
     for flag, (real, _) in defaults.items():
+        if flag in SHARED_DEFAULTS:
+            continue
         kind = parse_bool if isinstance(real, bool) else type(real)
         p.add_argument("--" + flag.replace("_", "-"), type=kind, default=None,
                        choices=list(OPTIMIZERS) if flag == "optimizer" else None,
-                       help=f"default {real} on real data, {defaults[flag][1]} on the embedded world")
+                       help=default(flag))
     p.set_defaults(method=method, method_defaults=defaults)
     return p
 
@@ -110,7 +119,7 @@ def resolve_defaults(args, real_data=None):
     """Fills unset flags with the real-data default (by default when --data is given) or the
     embedded-world one."""
     real_data = bool(args.data) if real_data is None else real_data
-    table = {**SHARED_DEFAULTS, **args.method_defaults}
+    table = {**SHARED_DEFAULTS, **args.method_defaults}  # a method's own value overrides the shared one
     for flag, (real, world) in table.items():
         if getattr(args, flag) is None:
             setattr(args, flag, real if real_data else world)
