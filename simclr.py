@@ -22,30 +22,41 @@ DEFAULTS = {
     "weight_decay": (1e-6, 1e-6),
     "temperature": (0.1, 0.2),
     "proj_dim": (128, 128),
+    # SimCLR v1 ends its head with BatchNorm (a scale, no shift) on the 128-d output and sums the
+    # two directions' losses (loss_a + loss_b: twice the mean over 2N anchors), which doubles the
+    # step of the BatchNorm and bias parameters LARS does not adapt. The world keeps the head and
+    # loss it was calibrated with.
+    "proj_out_bn": (True, False),
+    "loss_scale": (2.0, 1.0),  # multiplies NT-Xent's mean over the 2N anchors
 }
 
 
 class SimCLR(nn.Module):
-    """Backbone plus projection head (Linear-BN-ReLU-Linear, hidden width = feature width)."""
+    """Backbone plus projection head, hidden width = feature width: Linear-BN-ReLU-Linear, and with
+    out_bn SimCLR v1's BatchNorm on the output (the Linear before it without bias, the BatchNorm
+    with a scale and no shift: model_util.py's linear_layer with center=False)."""
 
-    def __init__(self, backbone, feat_dim, proj_dim):
+    def __init__(self, backbone, feat_dim, proj_dim, out_bn=False):
         super().__init__()
         self.backbone = backbone
-        self.projector = nn.Sequential(
-            nn.Linear(feat_dim, feat_dim, bias=False), nn.BatchNorm1d(feat_dim), nn.ReLU(inplace=True),
-            nn.Linear(feat_dim, proj_dim),
-        )
+        layers = [nn.Linear(feat_dim, feat_dim, bias=False), nn.BatchNorm1d(feat_dim), nn.ReLU(inplace=True),
+                  nn.Linear(feat_dim, proj_dim, bias=not out_bn)]
+        if out_bn:
+            layers.append(nn.BatchNorm1d(proj_dim))
+            layers[-1].bias.requires_grad_(False)  # stays 0: no shift
+        self.projector = nn.Sequential(*layers)
 
     def forward(self, x):
         return self.projector(self.backbone(x))
 
 
-def simclr_loss(model, x1, x2, temperature):
-    """NT-Xent of a batch of pairs. Both views go through the network together (BatchNorm over
-    the 2N views, as in SimCLR's code); the embeddings are gathered across processes, so every
-    process's negatives are the whole global batch and the gradients those of one process."""
+def simclr_loss(model, x1, x2, temperature, scale=1.0):
+    """NT-Xent of a batch of pairs (times `scale`). Both views go through the network together
+    (BatchNorm over the 2N views, as in SimCLR's code); the embeddings are gathered across
+    processes, so every process's negatives are the whole global batch and the gradients those of
+    one process."""
     z1, z2 = model(torch.cat([x1, x2])).float().chunk(2)
-    return losses.nt_xent(distributed.gather(z1), distributed.gather(z2), temperature)
+    return scale * losses.nt_xent(distributed.gather(z1), distributed.gather(z2), temperature)
 
 
 def parse_args(argv=None, real_data=None):
@@ -55,8 +66,9 @@ def parse_args(argv=None, real_data=None):
 
 def build(args, run):
     """The network and its optimizer, on the run's device."""
-    backbone, feat_dim = build_backbone(args.arch, args.img_size, weights=args.init_backbone)
-    model = run.prepare(SimCLR(backbone, feat_dim, args.proj_dim))
+    # zero_init_residual: SimCLR's ResNet starts each residual block's last BN scale at 0 (RECIPES.md).
+    backbone, feat_dim = build_backbone(args.arch, args.img_size, weights=args.init_backbone, zero_init_residual=True)
+    model = run.prepare(SimCLR(backbone, feat_dim, args.proj_dim, args.proj_out_bn))
     optimizer = optim.OPTIMIZERS[args.optimizer](optim.param_groups(model, args.weight_decay))
     return model, optimizer
 
@@ -72,7 +84,7 @@ def train_step(model, optimizer, run, args, views, lr):
     optim.set_lr(optimizer, lr)
     x1, x2 = views
     with run.autocast():
-        loss = simclr_loss(model, x1, x2, args.temperature)
+        loss = simclr_loss(model, x1, x2, args.temperature, args.loss_scale)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
