@@ -5,6 +5,7 @@ Pretraining data is an image root in ImageFolder layout plus a pairs manifest
 (common/pairs.py). Without `--data`, the embedded nuisance world (common/world.py) is
 generated once into a cache folder and used instead.
 """
+import argparse
 import contextlib
 import random
 from pathlib import Path
@@ -145,9 +146,22 @@ def world_config(overrides):
     for item in overrides or []:
         key, _, value = item.partition("=")
         if key not in fields:
-            raise SystemExit(f"error: unknown world setting {key!r}; known: {', '.join(fields)}")
-        kwargs[key] = type(getattr(WorldConfig(), key))(value)
+            raise ValueError(f"unknown world setting {key!r}; known: {', '.join(fields)}")
+        kind = type(getattr(WorldConfig(), key))
+        try:
+            kwargs[key] = kind(value)
+        except ValueError:
+            raise ValueError(f"{key} must be {'an integer' if kind is int else 'a number'}, got {value!r}") from None
     return WorldConfig(**kwargs)
+
+
+def world_setting(text):
+    """An argparse type for --world's KEY=VALUE items: a known setting and a value of its type."""
+    try:
+        world_config([text])
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def resolve_data(args):

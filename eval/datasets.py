@@ -24,7 +24,8 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from common.backbones import infer_arch, load_backbone
-from common.data import LabelledImages, image_folder, seeded, world_config
+from common import flags
+from common.data import LabelledImages, image_folder, seeded, world_config, world_setting
 from common.transforms import eval_transform, to_tensor
 from eval.features import cached_features, file_digest
 
@@ -129,14 +130,14 @@ def add_eval_args(parser, data=True):
         parser.add_argument("--crop", choices=("center", "random"), default="center", help="test-image view")
     parser.add_argument("--split", choices=("seen", "unseen"), default="seen",
                         help="embedded world: new instances of the pretraining classes, or unseen classes")
-    parser.add_argument("--world", nargs="*", metavar="KEY=VALUE",
+    parser.add_argument("--world", nargs="*", type=world_setting, metavar="KEY=VALUE",
                         help="embedded-world settings (default: those the run was pretrained with)")
-    parser.add_argument("--img-size", type=int,
+    parser.add_argument("--img-size", type=flags.bounded(int, 8),
                         help="input size (default: the run's, else 32 for the convnet, 224 otherwise)")
-    parser.add_argument("--seed", type=int, default=0, help="evaluation seed (validation split, random crops, ...)")
-    parser.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
-    parser.add_argument("--workers", type=int, help="data-loading processes (default: 8 on CUDA, 0 on CPU)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--seed", type=flags.SEED, default=0, help="evaluation seed (validation split, random crops, ...)")
+    parser.add_argument("--batch-size", type=flags.POSITIVE_INT, default=256, help="images per forward pass")
+    parser.add_argument("--workers", type=flags.COUNT, help="data-loading processes (default: 8 on CUDA, 0 on CPU)")
+    parser.add_argument("--device", type=flags.device, default=flags.default_device())
     parser.add_argument("--out",
                         help="result JSON (default: RUN/results/<eval>-<dataset>[-<split>][-<crop>]-s<seed>.json)")
     return parser

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.transforms import v2
 
-from common import optim, utils
+from common import flags, optim, utils
 from common.backbones import build_backbone
 from common.data import ImageError, SeededBatchSampler, make_loader
 from common.features import extract_features
@@ -85,17 +85,19 @@ def train_view(img_size):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m eval.finetune", description=__doc__,
+    parser = flags.Parser(prog="python -m eval.finetune", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_eval_args(parser)
-    parser.add_argument("--epochs", type=int, default=100)
-    parser.add_argument("--lr", type=float, default=5e-4, help="base lr, scaled by batch / 256")
-    parser.add_argument("--min-lr", type=float, default=1e-6)
-    parser.add_argument("--warmup-epochs", type=int, default=5)
-    parser.add_argument("--weight-decay", type=float, default=0.05)
-    parser.add_argument("--layer-decay", type=float, default=0.65, help="ViT only; 1 turns it off")
-    parser.add_argument("--drop-path", type=float, default=0.1, help="ViT only")
-    parser.add_argument("--label-smoothing", type=float, default=0.1)
+    parser.add_argument("--epochs", type=flags.POSITIVE_INT, default=100)
+    parser.add_argument("--lr", type=flags.POSITIVE, default=5e-4, help="base lr, scaled by batch / 256")
+    parser.add_argument("--min-lr", type=flags.NON_NEGATIVE, default=1e-6)
+    parser.add_argument("--warmup-epochs", type=flags.COUNT, default=5, help="0: none")
+    parser.add_argument("--weight-decay", type=flags.NON_NEGATIVE, default=0.05)
+    parser.add_argument("--layer-decay", type=flags.FRACTION, default=0.65, help="ViT only, in (0, 1]; 1 turns it off")
+    parser.add_argument("--drop-path", type=flags.bounded(float, 0, 1, high_open=True), default=0.1,
+                        help="ViT only, in [0, 1)")
+    parser.add_argument("--label-smoothing", type=flags.bounded(float, 0, 1, high_open=True), default=0.1,
+                        help="in [0, 1)")
     parser.add_argument("--resume", action="store_true", help="continue from the fine-tuning checkpoint")
     args = parser.parse_args(argv)
     start = time.time()

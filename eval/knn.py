@@ -13,6 +13,7 @@ import time
 
 import torch
 
+from common import flags
 from common.features import knn_accuracy
 
 
@@ -20,11 +21,11 @@ def main(argv=None):
     from eval import report
     from eval.datasets import add_eval_args, dataset_features, load_for_eval, result_path, view_protocol
 
-    parser = argparse.ArgumentParser(prog="python -m eval.knn", description=__doc__,
+    parser = flags.Parser(prog="python -m eval.knn", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_eval_args(parser)
-    parser.add_argument("--k", type=int, default=20)
-    parser.add_argument("--temperature", type=float, default=0.07)
+    parser.add_argument("--k", type=flags.POSITIVE_INT, default=20, help="neighbours that vote")
+    parser.add_argument("--temperature", type=flags.POSITIVE, default=0.07, help="votes weigh exp(similarity / T)")
     args = parser.parse_args(argv)
     start = time.time()
     backbone, _ = load_for_eval(args)

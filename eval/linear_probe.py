@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
+from common import flags
 from common.utils import run_main
 from eval import report
 from eval.datasets import add_eval_args, dataset_features, load_for_eval, result_path, view_protocol
@@ -148,7 +149,7 @@ def protocol(args, search):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m eval.linear_probe", description=__doc__,
+    parser = flags.Parser(prog="python -m eval.linear_probe", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     args = add_eval_args(parser).parse_args(argv)
     start = time.time()
