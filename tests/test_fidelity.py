@@ -20,7 +20,7 @@ class DeviceOnly:
 
 
 def real_args(script, *argv):
-    return script.parse_args(["--pairs", "semantic", "--data", "IMAGENET", "--arch", "resnet18", *argv])
+    return script.parse_args(["--pairs", "semantic", "--arch", "resnet18", *argv], real_data=True)
 
 
 SMALL_HEADS = {simclr: {"proj_dim": 16}, vicreg: {"expander": "32-32-32"}, byol: {"hidden_dim": 32, "proj_dim": 16},
@@ -74,12 +74,12 @@ def test_simclr_world_keeps_its_calibrated_head_and_loss():
 
 
 def test_dino_global_crops_momentum_and_vit_precision_follow_dino():
-    real = dino.parse_args(["--pairs", "semantic", "--data", "IMAGENET"])
+    real = dino.parse_args(["--pairs", "semantic"], real_data=True)
     assert (real.min_crop_scale, real.momentum_teacher, real.precision) == (0.14, 0.9995, "auto")
     world = dino.parse_args(["--pairs", "semantic"])
     assert (world.min_crop_scale, world.momentum_teacher) == (0.2, 0.99)
-    assert simclr.parse_args(["--pairs", "semantic", "--data", "IMAGENET"]).min_crop_scale == 0.08
-    vit = dino.parse_args(["--pairs", "semantic", "--data", "IMAGENET", "--arch", "vit_small_patch8"])
+    assert simclr.parse_args(["--pairs", "semantic"], real_data=True).min_crop_scale == 0.08
+    vit = dino.parse_args(["--pairs", "semantic", "--arch", "vit_small_patch8"], real_data=True)
     assert vit.precision == "fp32"
     asked = dino.parse_args(["--pairs", "semantic", "--arch", "vit_small_patch8", "--precision", "bf16"])
     assert asked.precision == "bf16"
