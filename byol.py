@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import data, ema, transforms, utils
+from common import data, ema, optim, transforms, utils
 from common.backbones import build_backbone
 from common.monitor import embedding_std
 
@@ -69,34 +69,58 @@ def byol_loss(model, target, x1, x2):
     return regression_loss(p1.float(), z2.float()) + regression_loss(p2.float(), z1.float()), p1
 
 
-def main():
-    args = utils.resolve_defaults(utils.base_parser("byol", DEFAULTS).parse_args())
-    run = utils.Run(args)
-    views = transforms.pair_views("byol", args.img_size, args.transforms, (args.min_crop_scale, 1.0))
-    dataset = data.pretrain_dataset(args, views)
-    loader = run.loader(dataset)
+def parse_args(argv=None, real_data=None):
+    """The flags, unset ones filled with the real-data or the world's defaults (utils.resolve_defaults)."""
+    return utils.resolve_defaults(utils.base_parser("byol", DEFAULTS).parse_args(argv), real_data)
 
-    backbone, feat_dim = build_backbone(args.arch, args.img_size, weights=args.init_backbone)
+
+def build(args, run):
+    """The online network, the target and the optimizer, on the run's device."""
+    # zero_init_residual: BYOL's ResNet starts each residual block's last BN scale at 0 (RECIPES.md).
+    backbone, feat_dim = build_backbone(args.arch, args.img_size, weights=args.init_backbone, zero_init_residual=True)
     online = BYOL(backbone, feat_dim, args.hidden_dim, args.proj_dim)
     target = copy.deepcopy(online.encoder)
     model, target = run.prepare(online), run.prepare(target)
     target.requires_grad_(False)  # after prepare: DDP wraps only modules with trainable parameters
-    optimizer = utils.OPTIMIZERS[args.optimizer](utils.param_groups(model, args.weight_decay))
-    lr_schedule = utils.cosine_schedule(args.lr * args.batch_size / 256, 0.0, args.epochs, len(loader),
-                                        args.warmup_epochs)
-    tau_schedule = ema.momentum_schedule(args.tau, args.epochs, len(loader))
+    optimizer = optim.OPTIMIZERS[args.optimizer](optim.param_groups(model, args.weight_decay))
+    return model, target, optimizer
+
+
+def schedules(args, steps_per_epoch):
+    """Per-step values of train_step's scheduled arguments."""
+    return {"lr": optim.cosine_schedule(args.lr * args.batch_size / 256, 0.0, args.epochs, steps_per_epoch,
+                                        args.warmup_epochs),
+            "tau": ema.momentum_schedule(args.tau, args.epochs, steps_per_epoch)}
+
+
+def train_step(model, target, optimizer, run, args, views, lr, tau):
+    """One optimisation step on a batch of pairs (views: [view 1, view 2]) and the target's EMA
+    update; returns the loss and the first view's predictions."""
+    optim.set_lr(optimizer, lr)
+    x1, x2 = views
+    with run.autocast():
+        loss, p1 = byol_loss(model, target, x1, x2)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    ema.ema_update(run.unwrap(target), run.unwrap(model).encoder, tau)
+    return loss, p1
+
+
+def main():
+    args = parse_args()
+    run = utils.Run(args)
+    pair_views = transforms.pair_views("byol", args.img_size, args.transforms, (args.min_crop_scale, 1.0))
+    loader = run.loader(data.pretrain_dataset(args, pair_views))
+    model, target, optimizer = build(args, run)
+    schedule = schedules(args, len(loader))
     start_epoch = run.resume(model=model, target=target, optimizer=optimizer)
 
     for epoch in range(start_epoch, args.epochs):
-        for step, (x1, x2, _) in run.steps(loader, epoch):
-            utils.set_lr(optimizer, lr_schedule[step])
-            with run.autocast():
-                loss, p1 = byol_loss(model, target, x1, x2)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            ema.ema_update(run.unwrap(target), run.unwrap(model).encoder, tau_schedule[step])
-            run.log(loss, lr=lr_schedule[step], tau=tau_schedule[step], embedding_std=embedding_std(p1))
+        for step, (*views, _) in run.steps(loader, epoch):
+            values = {name: values[step].item() for name, values in schedule.items()}
+            loss, p1 = train_step(model, target, optimizer, run, args, views, **values)
+            run.log(loss, **values, embedding_std=embedding_std(p1))
         run.end_epoch(epoch, run.unwrap(model).encoder.backbone)
     run.finish(run.unwrap(model).encoder.backbone)
 

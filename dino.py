@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
-from common import data, distributed, ema, transforms, utils
+from common import data, distributed, ema, optim, transforms, utils
 from common.backbones import build_backbone
 from common.monitor import embedding_std
 
@@ -38,9 +38,13 @@ DEFAULTS = {
     "min_lr": (1e-6, 1e-6),
     "weight_decay": (1e-4, 1e-4),
     "weight_decay_end": (1e-4, 1e-4),
-    # Teacher EMA. The world's runs are ~200 steps: at 0.996 the teacher would end them still
-    # two-thirds its random initialisation (DINO suggests 0.9995 for batch 256 on ImageNet).
-    "momentum_teacher": (0.996, 0.99),
+    # Teacher EMA. DINO's default is 0.996 at batch 1024; its --momentum_teacher help recommends
+    # 0.9995 at batch 256, the study's. The world's runs are ~200 steps: at 0.996 the teacher
+    # would end them still two-thirds its random initialisation.
+    "momentum_teacher": (0.9995, 0.99),
+    # Global crop scale (the shared --min-crop-scale, overridden): DINO recommends (0.14, 1) when
+    # local crops are off, as in the study (its default (0.4, 1) is for multi-crop, used with --local-crops).
+    "min_crop_scale": (0.14, 0.2),
     "out_dim": (65536, 4096),  # 65536 logits would cost more than the CPU convnet itself
     "student_temp": (0.1, 0.1),
     "teacher_temp": (0.04, 0.04),
@@ -140,8 +144,8 @@ def clip_gradients(model, max_norm):
 
 def views(args):
     """Two global views and args.local_crops local ones, as [(transform, source image)]."""
-    # Without local crops the global views use the study's shared crop scale, as the other methods
-    # do; with them, DINO's code crops global views from (0.4, 1) and leaves small scales to the locals.
+    # Without local crops the global views use --min-crop-scale; with them, DINO's code crops
+    # global views from (0.4, 1) and leaves small scales to the locals.
     global_views = transforms.pair_views("dino", args.img_size, args.transforms,
                                          (0.4, 1.0) if args.local_crops else (args.min_crop_scale, 1.0))
     # Local crops are 96 px at 224, kept a multiple of 8 at other sizes (ViT-S/8's patch).
@@ -152,20 +156,28 @@ def views(args):
     return global_views + [(local, i % 2) for i in range(args.local_crops)]
 
 
-def main():
-    args = utils.base_parser("dino", DEFAULTS).parse_args()
+def parse_args(argv=None, real_data=None):
+    """The flags, with DINO's recipe for the backbone filled in where unset, then the real-data or
+    the world's defaults (utils.resolve_defaults)."""
+    args = utils.base_parser("dino", DEFAULTS).parse_args(argv)
     vit = args.arch == "vit_small_patch8"
     if vit:
         for flag, value in VIT_RECIPE.items():
             if getattr(args, flag) is None:
                 setattr(args, flag, value)
-    args = utils.resolve_defaults(args)
+        if args.precision == "auto":
+            # DINO trained ViT-S/8 without mixed precision (--use_fp16 false; its help advises
+            # against it for small patches): float32 unless --precision bf16 asks.
+            args.precision = "fp32"
+    args = utils.resolve_defaults(args, real_data)
     # DINO's ViT-S settings (README's better-performance command): drop path and a learnt scale
     # of the last layer. ResNets: no drop path, last layer normalised.
     args.drop_path_rate, args.norm_last_layer = (0.1, False) if vit else (0.0, True)
-    run = utils.Run(args)
-    loader = run.loader(data.pretrain_dataset(args, views(args)))
+    return args
 
+
+def build(args, run):
+    """Student, teacher, centre and the student's optimizer, on the run's device."""
     backbone, feat_dim = build_backbone(args.arch, args.img_size, drop_path_rate=args.drop_path_rate,
                                         weights=args.init_backbone)
     student = DINO(backbone, feat_dim, args.out_dim, args.norm_last_layer, args.bn_in_head)
@@ -175,36 +187,59 @@ def main():
     student, teacher = run.prepare(student), run.prepare(teacher)
     teacher.requires_grad_(False)  # after prepare: DDP wraps only modules with trainable parameters
     center = torch.zeros(args.out_dim, device=run.device)
+    groups = optim.param_groups(student, args.weight_decay)  # no weight decay on biases and norms
+    optimizer = optim.OPTIMIZERS[args.optimizer](groups)
+    return student, teacher, center, optimizer
 
-    groups = utils.param_groups(student, args.weight_decay)  # no weight decay on biases and norms
-    optimizer = utils.OPTIMIZERS[args.optimizer](groups)
-    lr_schedule = utils.cosine_schedule(args.lr * args.batch_size / 256, args.min_lr, args.epochs, len(loader),
-                                        args.warmup_epochs)
-    wd_schedule = utils.cosine_schedule(args.weight_decay, args.weight_decay_end, args.epochs, len(loader))
-    momentum_schedule = ema.momentum_schedule(args.momentum_teacher, args.epochs, len(loader))
+
+def schedules(args, steps_per_epoch):
+    """Per-step values of train_step's scheduled arguments."""
     warmup = min(args.teacher_temp_warmup_epochs, args.epochs)
     teacher_temps = np.concatenate([np.linspace(0.04, args.teacher_temp, warmup),
                                     np.full(args.epochs - warmup, args.teacher_temp)])  # per epoch
+    epochs = np.arange(args.epochs).repeat(steps_per_epoch)
+    return {"lr": optim.cosine_schedule(args.lr * args.batch_size / 256, args.min_lr, args.epochs, steps_per_epoch,
+                                        args.warmup_epochs),
+            "wd": optim.cosine_schedule(args.weight_decay, args.weight_decay_end, args.epochs, steps_per_epoch),
+            "momentum": ema.momentum_schedule(args.momentum_teacher, args.epochs, steps_per_epoch),
+            "teacher_temp": teacher_temps[epochs],
+            "freeze_last_layer": epochs < args.freeze_last_layer}
+
+
+def train_step(student, teacher, center, optimizer, run, args, views, lr, wd, momentum, teacher_temp,
+               freeze_last_layer):
+    """One optimisation step on a batch of crops (views: the two global ones first) and the
+    teacher's EMA update; returns the loss and the teacher targets."""
+    optim.set_lr(optimizer, lr)
+    optimizer.param_groups[0]["weight_decay"] = wd  # the group with decay
+    with run.autocast():
+        loss, targets = dino_step_loss(student, teacher, views, center, teacher_temp, args.student_temp,
+                                       args.center_momentum)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if args.clip_grad:
+        clip_gradients(student, args.clip_grad)
+    if freeze_last_layer:  # the step leaves parameters without gradient unchanged
+        for p in run.unwrap(student).head.last_layer.parameters():
+            p.grad = None
+    optimizer.step()
+    ema.ema_update(run.unwrap(teacher), run.unwrap(student), momentum)
+    return loss, targets
+
+
+def main():
+    args = parse_args()
+    run = utils.Run(args)
+    loader = run.loader(data.pretrain_dataset(args, views(args)))
+    student, teacher, center, optimizer = build(args, run)
+    schedule = schedules(args, len(loader))
     start_epoch = run.resume(student=student, teacher=teacher, optimizer=optimizer, center=center)
 
     for epoch in range(start_epoch, args.epochs):
         for step, (*crops, _) in run.steps(loader, epoch):
-            utils.set_lr(optimizer, lr_schedule[step])
-            optimizer.param_groups[0]["weight_decay"] = float(wd_schedule[step])  # the group with decay
-            with run.autocast():
-                loss, targets = dino_step_loss(student, teacher, crops, center, teacher_temps[epoch],
-                                               args.student_temp, args.center_momentum)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if args.clip_grad:
-                clip_gradients(student, args.clip_grad)
-            if epoch < args.freeze_last_layer:  # the step leaves parameters without gradient unchanged
-                for p in run.unwrap(student).head.last_layer.parameters():
-                    p.grad = None
-            optimizer.step()
-            ema.ema_update(run.unwrap(teacher), run.unwrap(student), momentum_schedule[step])
-            run.log(loss, lr=lr_schedule[step], wd=wd_schedule[step], momentum=momentum_schedule[step],
-                    teacher_temp=teacher_temps[epoch], embedding_std=embedding_std(targets))
+            values = {name: values[step].item() for name, values in schedule.items()}
+            loss, targets = train_step(student, teacher, center, optimizer, run, args, crops, **values)
+            run.log(loss, **values, embedding_std=embedding_std(targets))
         run.end_epoch(epoch, run.unwrap(teacher).backbone)
     run.finish(run.unwrap(teacher).backbone)
 

@@ -10,7 +10,7 @@ from image_a). The NT-Xent loss treats each view's partner as its positive and t
 import torch
 from torch import nn
 
-from common import data, distributed, losses, transforms, utils
+from common import data, distributed, losses, optim, transforms, utils
 from common.backbones import build_backbone
 from common.monitor import embedding_std
 
@@ -23,55 +23,90 @@ DEFAULTS = {
     "weight_decay": (1e-6, 1e-6),
     "temperature": (0.1, 0.2),
     "proj_dim": (128, 128),
+    # SimCLR v1 ends its head with BatchNorm (a scale, no shift) on the 128-d output and sums the
+    # two directions' losses (loss_a + loss_b: twice the mean over 2N anchors), which doubles the
+    # step of the BatchNorm and bias parameters LARS does not adapt. The world keeps the head and
+    # loss it was calibrated with.
+    "proj_out_bn": (True, False),
+    "loss_scale": (2.0, 1.0),  # multiplies NT-Xent's mean over the 2N anchors
 }
 
 
 class SimCLR(nn.Module):
-    """Backbone plus projection head (Linear-BN-ReLU-Linear, hidden width = feature width)."""
+    """Backbone plus projection head, hidden width = feature width: Linear-BN-ReLU-Linear, and with
+    out_bn SimCLR v1's BatchNorm on the output (the Linear before it without bias, the BatchNorm
+    with a scale and no shift: model_util.py's linear_layer with center=False)."""
 
-    def __init__(self, backbone, feat_dim, proj_dim):
+    def __init__(self, backbone, feat_dim, proj_dim, out_bn=False):
         super().__init__()
         self.backbone = backbone
-        self.projector = nn.Sequential(
-            nn.Linear(feat_dim, feat_dim, bias=False), nn.BatchNorm1d(feat_dim), nn.ReLU(inplace=True),
-            nn.Linear(feat_dim, proj_dim),
-        )
+        layers = [nn.Linear(feat_dim, feat_dim, bias=False), nn.BatchNorm1d(feat_dim), nn.ReLU(inplace=True),
+                  nn.Linear(feat_dim, proj_dim, bias=not out_bn)]
+        if out_bn:
+            layers.append(nn.BatchNorm1d(proj_dim))
+            layers[-1].bias.requires_grad_(False)  # stays 0: no shift
+        self.projector = nn.Sequential(*layers)
 
     def forward(self, x):
         return self.projector(self.backbone(x))
 
 
-def simclr_loss(model, x1, x2, temperature):
-    """NT-Xent of a batch of pairs, and the first view's embeddings (for the collapse monitor). Both views go through the network together (BatchNorm over
-    the 2N views, as in SimCLR's code); the embeddings are gathered across processes, so every
-    process's negatives are the whole global batch and the gradients those of one process."""
+def simclr_loss(model, x1, x2, temperature, scale=1.0):
+    """NT-Xent of a batch of pairs (times `scale`), and the first view's embeddings (for the
+    collapse monitor). Both views go through the network together (BatchNorm over the 2N views, as
+    in SimCLR's code); the embeddings are gathered across processes, so every process's negatives
+    are the whole global batch and the gradients those of one process."""
     z1, z2 = model(torch.cat([x1, x2])).float().chunk(2)
-    return losses.nt_xent(distributed.gather(z1), distributed.gather(z2), temperature), z1
+    return scale * losses.nt_xent(distributed.gather(z1), distributed.gather(z2), temperature), z1
+
+
+def parse_args(argv=None, real_data=None):
+    """The flags, unset ones filled with the real-data or the world's defaults (utils.resolve_defaults)."""
+    return utils.resolve_defaults(utils.base_parser("simclr", DEFAULTS).parse_args(argv), real_data)
+
+
+def build(args, run):
+    """The network and its optimizer, on the run's device."""
+    # zero_init_residual: SimCLR's ResNet starts each residual block's last BN scale at 0 (RECIPES.md).
+    backbone, feat_dim = build_backbone(args.arch, args.img_size, weights=args.init_backbone, zero_init_residual=True)
+    model = run.prepare(SimCLR(backbone, feat_dim, args.proj_dim, args.proj_out_bn))
+    optimizer = optim.OPTIMIZERS[args.optimizer](optim.param_groups(model, args.weight_decay))
+    return model, optimizer
+
+
+def schedules(args, steps_per_epoch):
+    """Per-step values of train_step's scheduled arguments."""
+    return {"lr": optim.cosine_schedule(args.lr * args.batch_size / 256, 0.0, args.epochs, steps_per_epoch,
+                                        args.warmup_epochs)}
+
+
+def train_step(model, optimizer, run, args, views, lr):
+    """One optimisation step on a batch of pairs (views: [view 1, view 2]); returns the loss and the
+    first view's embeddings."""
+    optim.set_lr(optimizer, lr)
+    x1, x2 = views
+    with run.autocast():
+        loss, z1 = simclr_loss(model, x1, x2, args.temperature, args.loss_scale)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss, z1
 
 
 def main():
-    args = utils.resolve_defaults(utils.base_parser("simclr", DEFAULTS).parse_args())
+    args = parse_args()
     run = utils.Run(args)
-    views = transforms.pair_views("simclr", args.img_size, args.transforms, (args.min_crop_scale, 1.0))
-    dataset = data.pretrain_dataset(args, views)
-    loader = run.loader(dataset)
-
-    backbone, feat_dim = build_backbone(args.arch, args.img_size, weights=args.init_backbone)
-    model = run.prepare(SimCLR(backbone, feat_dim, args.proj_dim))
-    optimizer = utils.OPTIMIZERS[args.optimizer](utils.param_groups(model, args.weight_decay))
-    lr_schedule = utils.cosine_schedule(args.lr * args.batch_size / 256, 0.0, args.epochs, len(loader),
-                                        args.warmup_epochs)
+    pair_views = transforms.pair_views("simclr", args.img_size, args.transforms, (args.min_crop_scale, 1.0))
+    loader = run.loader(data.pretrain_dataset(args, pair_views))
+    model, optimizer = build(args, run)
+    schedule = schedules(args, len(loader))
     start_epoch = run.resume(model=model, optimizer=optimizer)
 
     for epoch in range(start_epoch, args.epochs):
-        for step, (x1, x2, _) in run.steps(loader, epoch):
-            utils.set_lr(optimizer, lr_schedule[step])
-            with run.autocast():
-                loss, z1 = simclr_loss(model, x1, x2, args.temperature)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            run.log(loss, lr=lr_schedule[step], embedding_std=embedding_std(z1))
+        for step, (*views, _) in run.steps(loader, epoch):
+            values = {name: values[step].item() for name, values in schedule.items()}
+            loss, z1 = train_step(model, optimizer, run, args, views, **values)
+            run.log(loss, **values, embedding_std=embedding_std(z1))
         run.end_epoch(epoch, run.unwrap(model).backbone)
     run.finish(run.unwrap(model).backbone)
 

@@ -11,7 +11,7 @@ so variance and covariance are those of the global batch. LARS, warm-up, cosine 
 """
 from torch import nn
 
-from common import data, distributed, losses, transforms, utils
+from common import data, distributed, losses, optim, transforms, utils
 from common.backbones import build_backbone
 from common.monitor import embedding_std
 
@@ -54,29 +54,52 @@ def vicreg_loss(model, x1, x2, sim_coeff, std_coeff, cov_coeff):
     return loss, z1
 
 
-def main():
-    args = utils.resolve_defaults(utils.base_parser("vicreg", DEFAULTS).parse_args())
-    run = utils.Run(args)
-    views = transforms.pair_views("vicreg", args.img_size, args.transforms, (args.min_crop_scale, 1.0))
-    dataset = data.pretrain_dataset(args, views)
-    loader = run.loader(dataset)
+def parse_args(argv=None, real_data=None):
+    """The flags, unset ones filled with the real-data or the world's defaults (utils.resolve_defaults)."""
+    return utils.resolve_defaults(utils.base_parser("vicreg", DEFAULTS).parse_args(argv), real_data)
 
-    backbone, feat_dim = build_backbone(args.arch, args.img_size, weights=args.init_backbone)
+
+def build(args, run):
+    """The network and its optimizer, on the run's device."""
+    # zero_init_residual: VICReg's ResNet starts each residual block's last BN scale at 0 (RECIPES.md).
+    backbone, feat_dim = build_backbone(args.arch, args.img_size, weights=args.init_backbone, zero_init_residual=True)
     model = run.prepare(VICReg(backbone, feat_dim, args.expander))
-    optimizer = utils.OPTIMIZERS[args.optimizer](utils.param_groups(model, args.weight_decay))
+    optimizer = optim.OPTIMIZERS[args.optimizer](optim.param_groups(model, args.weight_decay))
+    return model, optimizer
+
+
+def schedules(args, steps_per_epoch):
+    """Per-step values of train_step's scheduled arguments."""
     base_lr = args.lr * args.batch_size / 256
-    lr_schedule = utils.cosine_schedule(base_lr, base_lr / 1000, args.epochs, len(loader), args.warmup_epochs)
+    return {"lr": optim.cosine_schedule(base_lr, base_lr / 1000, args.epochs, steps_per_epoch, args.warmup_epochs)}
+
+
+def train_step(model, optimizer, run, args, views, lr):
+    """One optimisation step on a batch of pairs (views: [view 1, view 2]); returns the loss and the first view's embeddings."""
+    optim.set_lr(optimizer, lr)
+    x1, x2 = views
+    with run.autocast():
+        loss, z1 = vicreg_loss(model, x1, x2, args.sim_coeff, args.std_coeff, args.cov_coeff)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss, z1
+
+
+def main():
+    args = parse_args()
+    run = utils.Run(args)
+    pair_views = transforms.pair_views("vicreg", args.img_size, args.transforms, (args.min_crop_scale, 1.0))
+    loader = run.loader(data.pretrain_dataset(args, pair_views))
+    model, optimizer = build(args, run)
+    schedule = schedules(args, len(loader))
     start_epoch = run.resume(model=model, optimizer=optimizer)
 
     for epoch in range(start_epoch, args.epochs):
-        for step, (x1, x2, _) in run.steps(loader, epoch):
-            utils.set_lr(optimizer, lr_schedule[step])
-            with run.autocast():
-                loss, z1 = vicreg_loss(model, x1, x2, args.sim_coeff, args.std_coeff, args.cov_coeff)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            run.log(loss, lr=lr_schedule[step], embedding_std=embedding_std(z1))
+        for step, (*views, _) in run.steps(loader, epoch):
+            values = {name: values[step].item() for name, values in schedule.items()}
+            loss, z1 = train_step(model, optimizer, run, args, views, **values)
+            run.log(loss, **values, embedding_std=embedding_std(z1))
         run.end_epoch(epoch, run.unwrap(model).backbone)
     run.finish(run.unwrap(model).backbone)
 

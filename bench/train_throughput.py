@@ -8,11 +8,10 @@ alone (decoding, the method's views, transfer to the device) and through both (t
     python bench/train_throughput.py ... --data IMAGENET/train --manifest pairs.csv --workers 16
     python bench/train_throughput.py ... --fake-imagenet     # generated ImageNet-like JPEGs
 
-Each step is built from the method script's own pieces (model class, loss, optimizer, EMA) and the
-training utilities the scripts use (Run.prepare: channels_last on CUDA and under bf16, --compile;
-Run.autocast: bf16 where --precision resolves to it; Run.loader and Run.steps: pinned memory,
-persistent workers, non-blocking copies), mirroring
-the scripts' loops. Heads are the publications' sizes, except on the convnet (the embedded world's
+Each step is the method script's own: its build() (networks, optimizer) and train_step(), the
+function its training loop calls, with the training utilities the scripts use (Run.prepare:
+channels_last on CUDA and under bf16, --compile; Run.autocast: bf16 where --precision resolves to
+it; Run.loader and Run.steps: pinned memory, persistent workers, non-blocking copies). Heads are the publications' sizes, except on the convnet (the embedded world's
 net), which gets the world's. Without --data the loader reads the embedded world (generated once).
 Loader workers default to the scripts' (8 on real data). Augmented pairs are read from every
 image of the manifest's pairs (--ap-images all): the views' cost is the same, and epochs are longer.
@@ -22,7 +21,6 @@ Each worker makes whole batches and all of them start together, so batches arriv
 made) and time the next six, within one epoch (a new epoch starts with a wave of waiting).
 """
 import argparse
-import copy
 import importlib
 import itertools
 import math
@@ -38,8 +36,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the method scripts are top-level modules
 
-from common import data, ema, imagenet, pairs, transforms, utils  # noqa: E402
-from common.backbones import build_backbone  # noqa: E402
+from common import data, imagenet, pairs, transforms, utils  # noqa: E402
 
 METHODS = ("simclr", "vicreg", "byol", "dino")
 
@@ -53,66 +50,18 @@ def method_args(method, opts, out, precision):
     argv += ["--data", opts.data] if opts.data else ["--world", *opts.world]
     argv += ["--manifest", opts.manifest] if opts.manifest else []
     argv += ["--compile"] if opts.compile else []
-    args = utils.base_parser(method, script.DEFAULTS).parse_args(argv)
-    return script, utils.resolve_defaults(args, real_data=opts.arch != "convnet")
+    return script, script.parse_args(argv, real_data=opts.arch != "convnet")
 
 
-def build_step(method, script, args, run):
-    """The method's networks and optimizer, and step(x1, x2) doing one training step as its script does."""
-    backbone, feat_dim = build_backbone(args.arch, args.img_size)
-    before_update = after_update = None
-    if method == "simclr":
-        model = run.prepare(script.SimCLR(backbone, feat_dim, args.proj_dim))
-
-        def method_loss(x1, x2):
-            return script.simclr_loss(model, x1, x2, args.temperature)[0]
-    elif method == "vicreg":
-        model = run.prepare(script.VICReg(backbone, feat_dim, args.expander))
-
-        def method_loss(x1, x2):
-            return script.vicreg_loss(model, x1, x2, args.sim_coeff, args.std_coeff, args.cov_coeff)[0]
-    elif method == "byol":
-        online = script.BYOL(backbone, feat_dim, args.hidden_dim, args.proj_dim)
-        model, target = run.prepare(online), run.prepare(copy.deepcopy(online.encoder))
-        target.requires_grad_(False)
-
-        def method_loss(x1, x2):
-            return script.byol_loss(model, target, x1, x2)[0]
-
-        def after_update():
-            ema.ema_update(run.unwrap(target), run.unwrap(model).encoder, args.tau)
-    elif method == "dino":
-        student = script.DINO(backbone, feat_dim, args.out_dim, True, args.bn_in_head)
-        teacher = script.DINO(*build_backbone(args.arch, args.img_size), args.out_dim, True, args.bn_in_head)
-        teacher.load_state_dict(student.state_dict())
-        model, teacher = run.prepare(student), run.prepare(teacher)
-        teacher.requires_grad_(False)
-        center = torch.zeros(args.out_dim, device=run.device)
-
-        def method_loss(x1, x2):
-            return script.dino_step_loss(model, teacher, [x1, x2], center, args.teacher_temp, args.student_temp,
-                                         args.center_momentum)[0]
-
-        def before_update():
-            script.clip_gradients(model, args.clip_grad)
-
-        def after_update():
-            ema.ema_update(run.unwrap(teacher), run.unwrap(model), args.momentum_teacher)
-    else:
-        raise ValueError(method)
-    optimizer = utils.OPTIMIZERS[args.optimizer](utils.param_groups(model, args.weight_decay))
-    utils.set_lr(optimizer, args.lr * args.batch_size / 256)
+def build_step(script, args, run):
+    """step(x1, x2): one training step of the method script, its own build() and train_step(), at
+    the scheduled values of mid-training (past warm-up and DINO's frozen last layer)."""
+    nets = script.build(args, run)
+    values = {name: values[len(values) // 2].item() for name, values in script.schedules(args, 1).items()}
 
     def step(x1, x2):
-        with run.autocast():
-            loss = method_loss(x1, x2)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if before_update:
-            before_update()
-        optimizer.step()
-        if after_update:
-            after_update()
+        loss = script.train_step(*nets, run, args, [x1, x2], **values)
+        loss = loss[0] if isinstance(loss, tuple) else loss  # (loss, what the collapse monitor reads)
         loss.item()  # Run.log reads every step's loss (the non-finite check): one sync per step, as in training
 
     return step
@@ -182,7 +131,7 @@ def bench(opts):
         with tempfile.TemporaryDirectory() as out:
             script, args = method_args(method, opts, out, precision)
             run = utils.Run(args)
-            step = build_step(method, script, args, run)
+            step = build_step(script, args, run)
             shape = (opts.batch_size, 3, opts.img_size, opts.img_size)
             synthetic = [torch.randn(shape, device=device).contiguous(memory_format=run.memory_format) for _ in range(2)]
             rates = [images_per_s(itertools.repeat(synthetic), step, opts.warmup, opts.steps, opts.batch_size)[0]]

@@ -33,11 +33,12 @@ class ConvNet(nn.Module):
         return self.features(x).mean(dim=(2, 3))
 
 
-def build_backbone(arch, img_size=224, width=16, drop_path_rate=0.0, weights=None):
+def build_backbone(arch, img_size=224, width=16, drop_path_rate=0.0, weights=None, zero_init_residual=False):
     """Returns (backbone, feature dimension), newly initialised or, with `weights` (a backbone.pth of
-    the same architecture, or its state dict), starting from those."""
+    the same architecture, or its state dict), starting from those. zero_init_residual (ResNets):
+    the last BatchNorm scale of each residual block starts at 0, so each block starts as the identity."""
     if arch in ("resnet50", "resnet18"):
-        model = getattr(torchvision.models, arch)()
+        model = getattr(torchvision.models, arch)(zero_init_residual=zero_init_residual)
         dim = model.fc.in_features
         model.fc = nn.Identity()
     elif arch == "convnet":

@@ -1,58 +1,21 @@
-"""Datasets and loaders: robust image decoding, semantic/augmented pair datasets, labelled
-image lists, and a seeded sampler that makes every epoch reproducible and resumable.
+"""Datasets and loaders: semantic/augmented pair datasets, labelled image lists, and a seeded
+sampler that makes every epoch reproducible and resumable. Images are read by common/images.py.
 
 Pretraining data is an image root in ImageFolder layout plus a pairs manifest
 (common/pairs.py). Without `--data`, the embedded nuisance world (common/world.py) is
 generated once into a cache folder and used instead.
 """
+import argparse
 import contextlib
 import random
-import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
 from common import pairs as manifest
-
-# Images above this many pixels are refused instead of decoded (decompression-bomb guard).
-Image.MAX_IMAGE_PIXELS = 178_956_970
-
-
-class ImageError(Exception):
-    """An image that cannot be used; the message names the file."""
-
-
-def open_image(path):
-    """Opens an image lazily (header only), turning every failure into an ImageError."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            return Image.open(path)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError(f"cannot read image {path}: {e}") from None
-
-
-def load_rgb(path):
-    """Decodes an image to 8-bit RGB: CMYK, grayscale, palette, alpha and 16-bit images included."""
-    img = open_image(path)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img.load()
-        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-            # 16/32-bit integer images: PIL's convert("RGB") would clip, so rescale to 8 bits.
-            a = np.asarray(img, dtype=np.float64)
-            hi = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
-            img = Image.fromarray((a * (255.0 / hi)).round().astype(np.uint8), "L")
-        return img.convert("RGB")
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError(f"cannot decode image {path}: {e}") from None
-    finally:
-        img.close()
+from common.images import ImageError, load_rgb, open_image  # noqa: F401 (data.ImageError etc. for callers)
 
 
 @contextlib.contextmanager
@@ -183,9 +146,22 @@ def world_config(overrides):
     for item in overrides or []:
         key, _, value = item.partition("=")
         if key not in fields:
-            raise SystemExit(f"error: unknown world setting {key!r}; known: {', '.join(fields)}")
-        kwargs[key] = type(getattr(WorldConfig(), key))(value)
+            raise ValueError(f"unknown world setting {key!r}; known: {', '.join(fields)}")
+        kind = type(getattr(WorldConfig(), key))
+        try:
+            kwargs[key] = kind(value)
+        except ValueError:
+            raise ValueError(f"{key} must be {'an integer' if kind is int else 'a number'}, got {value!r}") from None
     return WorldConfig(**kwargs)
+
+
+def world_setting(text):
+    """An argparse type for --world's KEY=VALUE items: a known setting and a value of its type."""
+    try:
+        world_config([text])
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def resolve_data(args):

@@ -6,7 +6,7 @@ base value to 1 on a cosine schedule.
 """
 import torch
 
-from common.utils import cosine_schedule
+from common.optim import cosine_schedule
 
 
 def momentum_schedule(base, epochs, steps_per_epoch):

@@ -35,6 +35,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from common.images import ImageError, load_rgb, open_image
+
 HEADER = ("class", "image_a", "image_b")
 SCORE_COLUMNS = ("object_sim", "context_sim", "score")
 # Side of the central square taken as the object when mining, as a fraction of the short side.
@@ -93,8 +95,6 @@ def read_manifest(path):
 def check_pairs(pairs, root, decode=False):
     """Checks pairs against an image tree: paths, classes, self/duplicate pairs, image reuse, and
     that every image opens as an image (its header; with decode, the whole file). Returns Problems."""
-    from common.data import ImageError, load_rgb, open_image  # data imports this module
-
     root = Path(root)
     problems, first_seen, seen_pairs, checked = [], {}, {}, set()
     for p in pairs:
@@ -233,8 +233,6 @@ def build_classes(root, spec):
 def random_pairs(root, classes, per_class, seed, decode=False):
     """Pairs each class's images at random: a seeded shuffle of the class folder, skipping files
     that do not open as images (with decode: that do not decode), paired consecutively."""
-    from common.data import ImageError, load_rgb, open_image
-
     root, pairs, short = Path(root), [], []
     for cls in classes:
         names = list_images(root, cls)
@@ -297,8 +295,6 @@ class MiningViews(Dataset):
         return len(self.names)
 
     def __getitem__(self, index):
-        from common.data import ImageError, load_rgb
-
         try:
             img = load_rgb(self.root / self.names[index])
         except ImageError as e:

@@ -1,9 +1,7 @@
-"""Training utilities shared by simclr.py, vicreg.py, byol.py and dino.py: the common flags,
+"""Training utilities shared by simclr.py, vicreg.py, byol.py and dino.py: the common flags and
 one `Run` object for device, processes (common/distributed.py), output folder, log, progress bar,
-checkpoints and the kNN monitor, the optimizers (LARS among them) and per-iteration schedules."""
-import argparse
+checkpoints and the kNN monitor. Optimizers and schedules are in common/optim.py."""
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -18,7 +16,9 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from common import data, distributed, transforms
+from common import data, distributed, flags, transforms
+from common.features import extract_features, knn_accuracy
+from common.optim import OPTIMIZERS
 from common.pairs import ManifestError
 
 
@@ -34,46 +34,92 @@ SHARED_DEFAULTS = {
 }
 
 
+# Each method flag's allowed values and meaning (its defaults are in the scripts' DEFAULTS).
+METHOD_FLAGS = {
+    "optimizer": (None, "optimizer"),
+    "lr": (flags.NON_NEGATIVE, "base learning rate, scaled by batch / 256 (0 keeps the weights where they start)"),
+    "min_lr": (flags.NON_NEGATIVE, "learning rate at the end of the cosine decay"),
+    "weight_decay": (flags.NON_NEGATIVE, "weight decay (not on biases and norm parameters)"),
+    "weight_decay_end": (flags.NON_NEGATIVE, "weight decay at the end of its cosine schedule"),
+    "temperature": (flags.POSITIVE, "NT-Xent temperature"),
+    "proj_dim": (flags.POSITIVE_INT, "projection output width"),
+    "proj_out_bn": (flags.boolean, "SimCLR v1's BatchNorm (scale, no shift) on the projection output"),
+    "loss_scale": (flags.POSITIVE, "multiplies NT-Xent's mean over the 2N anchors (2: SimCLR v1's loss_a + loss_b)"),
+    "expander": (flags.layer_widths, "expander widths, e.g. 8192-8192-8192"),
+    "sim_coeff": (flags.NON_NEGATIVE, "invariance coefficient"),
+    "std_coeff": (flags.NON_NEGATIVE, "variance coefficient"),
+    "cov_coeff": (flags.NON_NEGATIVE, "covariance coefficient"),
+    "tau": (flags.MOMENTUM, "base EMA momentum of the target, cosine to 1"),
+    "hidden_dim": (flags.POSITIVE_INT, "projector and predictor hidden width"),
+    "momentum_teacher": (flags.MOMENTUM, "base EMA momentum of the teacher, cosine to 1"),
+    "out_dim": (flags.POSITIVE_INT, "DINO head output width"),
+    "student_temp": (flags.POSITIVE, "student softmax temperature"),
+    "teacher_temp": (flags.POSITIVE, "teacher softmax temperature after its warm-up from 0.04"),
+    "teacher_temp_warmup_epochs": (flags.COUNT, "epochs of the teacher temperature's warm-up (0: none)"),
+    "center_momentum": (flags.MOMENTUM, "EMA momentum of the centre"),
+    "clip_grad": (flags.NON_NEGATIVE, "per-parameter gradient norm cap (0: no clipping)"),
+    "freeze_last_layer": (flags.COUNT, "epochs with the head's last layer frozen (0: never)"),
+    "local_crops": (flags.COUNT, "local crops per pair (0: the two global views only)"),
+    "bn_in_head": (flags.boolean, "BatchNorm in the DINO head's MLP (DINO's --use_bn_in_head)"),
+    "min_crop_scale": (flags.FRACTION, "smallest area fraction of the random resized crop"),
+}
+
+
 def base_parser(method, defaults, prog=None):
     """The flags every method script shares, plus `defaults`: {flag: (real data, embedded world)}
-    for the method's own flags (a None default is filled in by `resolve_defaults`)."""
-    p = argparse.ArgumentParser(prog or f"{method}.py", description=f"{method} pretraining on semantic or augmented pairs")
+    for the method's own flags (their allowed values in METHOD_FLAGS), or overriding a shared
+    flag's (a None default is filled in by `resolve_defaults`, which also checks the flags that
+    depend on each other)."""
+    table = {**SHARED_DEFAULTS, **defaults}
+
+    def default(flag):
+        real, world = table[flag]
+        return f"default {real} on real data, {world} on the embedded world"
+
+    p = flags.Parser(prog or f"{method}.py", description=f"{method} pretraining on semantic or augmented pairs")
     p.add_argument("--pairs", choices=("semantic", "augmented"), required=prog is None,
                    help="semantic: views of two same-class images; augmented: two views of one image")
     p.add_argument("--data", help="image root in ImageFolder layout (default: the embedded nuisance world)")
     p.add_argument("--manifest", help="semantic-pairs CSV, paths relative to --data (default: DATA/pairs.csv)")
-    p.add_argument("--world", nargs="*", metavar="KEY=VALUE", help="embedded-world settings, e.g. background_strength=0.8")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int, help="global batch size (pairs), split over processes")
-    p.add_argument("--arch", choices=("resnet50", "resnet18", "convnet", "vit_small_patch8"))
-    p.add_argument("--img-size", type=int)
+    p.add_argument("--world", nargs="*", type=data.world_setting, metavar="KEY=VALUE",
+                   help="embedded-world settings, e.g. background_strength=0.8")
+    p.add_argument("--epochs", type=flags.POSITIVE_INT, help=default("epochs"))
+    p.add_argument("--batch-size", type=flags.POSITIVE_INT,
+                   help="global batch size (pairs), split over processes, at least 2 per process; " + default("batch_size"))
+    p.add_argument("--arch", choices=("resnet50", "resnet18", "convnet", "vit_small_patch8"), help=default("arch"))
+    p.add_argument("--img-size", type=flags.bounded(int, 8), help="at least 8 (a multiple of 8 for ViT-S/8); " + default("img_size"))
     p.add_argument("--transforms", choices=transforms.ABLATIONS, default="full",
                    help="the paper's augmentation ablations")
-    p.add_argument("--min-crop-scale", type=float, help="smallest area fraction of the random resized crop")
-    p.add_argument("--images-per-class", type=int, help="nested subset: the first N pairs of each class")
+    p.add_argument("--min-crop-scale", type=flags.FRACTION,
+                   help="smallest area fraction of the random resized crop, in (0, 1]; " + default("min_crop_scale"))
+    p.add_argument("--images-per-class", type=flags.POSITIVE_INT,
+                   help="nested subset: the first N pairs of each class (default: all)")
     p.add_argument("--ap-images", choices=("image_a", "all"), default="image_a",
                    help="augmented pairs from image_a of each pair (matched count) or every unique image")
-    p.add_argument("--warmup-epochs", type=int)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, help="data-loading processes")
+    p.add_argument("--warmup-epochs", type=flags.COUNT, help="linear warm-up epochs (0: none); " + default("warmup_epochs"))
+    p.add_argument("--seed", type=flags.SEED, default=0)
+    p.add_argument("--workers", type=flags.COUNT, help="data-loading processes (0: in the training process); " + default("workers"))
     p.add_argument("--out", help="output folder (default: runs/<method>-<pairs>-s<seed>)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pth if it exists")
     p.add_argument("--init-backbone", metavar="BACKBONE.pth",
                    help="start from this backbone (of --arch) instead of random init; heads start new")
-    p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
+    p.add_argument("--checkpoint-every", type=flags.COUNT, default=0, metavar="N",
                    help="also checkpoint every N steps within an epoch (default 0: at epoch ends only)")
     p.add_argument("--compile", action="store_true", help="torch.compile the networks")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="training precision: auto = bf16 autocast (and channels_last) on CUDA and on CPUs with "
                         "native bf16, float32 elsewhere; weights and checkpoints stay float32")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--eval-every", type=int, default=10, help="kNN monitor every N epochs (and at the end)")
-    p.add_argument("--log-every", type=int, default=10, help="log a JSON line every N steps")
+    p.add_argument("--device", type=flags.device, default=flags.default_device())
+    p.add_argument("--eval-every", type=flags.COUNT, default=10,
+                   help="kNN monitor every N epochs and at the end (0: at the end only)")
+    p.add_argument("--log-every", type=flags.POSITIVE_INT, default=10, help="log a JSON line every N steps")
     for flag, (real, _) in defaults.items():
-        kind = parse_bool if isinstance(real, bool) else type(real)
+        if flag in SHARED_DEFAULTS:
+            continue
+        kind, meaning = METHOD_FLAGS[flag]
         p.add_argument("--" + flag.replace("_", "-"), type=kind, default=None,
                        choices=list(OPTIMIZERS) if flag == "optimizer" else None,
-                       help=f"default {real} on real data, {defaults[flag][1]} on the embedded world")
+                       help=f"{meaning}; {default(flag)}")
     p.set_defaults(method=method, method_defaults=defaults)
     return p
 
@@ -100,22 +146,18 @@ def resolve_precision(precision, device):
     return precision
 
 
-def parse_bool(text):
-    if text.lower() not in ("true", "false", "1", "0"):
-        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-    return text.lower() in ("true", "1")
-
-
 def resolve_defaults(args, real_data=None):
     """Fills unset flags with the real-data default (by default when --data is given) or the
     embedded-world one."""
     real_data = bool(args.data) if real_data is None else real_data
-    table = {**SHARED_DEFAULTS, **args.method_defaults}
+    table = {**SHARED_DEFAULTS, **args.method_defaults}  # a method's own value overrides the shared one
+    given = {flag for flag in table if getattr(args, flag) is not None}
     for flag, (real, world) in table.items():
         if getattr(args, flag) is None:
             setattr(args, flag, real if real_data else world)
     del args.method_defaults
     args.out = args.out or f"runs/{args.method}-{args.pairs}-s{args.seed}"
+    check_flags(args, given)
     if not args.data:  # config.json records the world, so results of different worlds are never mixed
         from common.world import WORLD_VERSION
 
@@ -123,55 +165,21 @@ def resolve_defaults(args, real_data=None):
     return args
 
 
-def cosine_schedule(base, final, epochs, steps_per_epoch, warmup_epochs=0, warmup_start=0.0):
-    """Per-iteration values: linear warm-up from warmup_start to base, then cosine to final."""
-    warmup_epochs = min(warmup_epochs, epochs)
-    warmup = np.linspace(warmup_start, base, warmup_epochs * steps_per_epoch, endpoint=False)
-    steps = np.arange(epochs * steps_per_epoch - len(warmup))
-    cosine = final + 0.5 * (base - final) * (1 + np.cos(np.pi * steps / max(len(steps), 1)))
-    return np.concatenate([warmup, cosine])
-
-
-def param_groups(model, weight_decay):
-    """Weights get weight decay and LARS adaptation; biases and norm parameters get neither."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    rest = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    return [{"params": decay, "weight_decay": weight_decay, "lars": True},
-            {"params": rest, "weight_decay": 0.0, "lars": False}]
-
-
-class LARS(torch.optim.Optimizer):
-    """SGD with momentum and a layer-wise trust ratio (You et al., 2017), as in SimCLR, BYOL and
-    VICReg: the update of each weight tensor is rescaled by eta * ||w|| / ||g + wd * w||."""
-
-    def __init__(self, params, lr=0.0, weight_decay=0.0, momentum=0.9, eta=0.001):
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta, lars=True))
-
-    @torch.no_grad()
-    def step(self):
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                update = p.grad.add(p, alpha=group["weight_decay"])
-                if group["lars"]:
-                    w_norm, u_norm = p.norm(), update.norm()
-                    trust = torch.where((w_norm > 0) & (u_norm > 0), group["eta"] * w_norm / u_norm, 1.0)
-                    update.mul_(trust)
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p)
-                buf = state["momentum_buffer"].mul_(group["momentum"]).add_(update)
-                p.add_(buf, alpha=-group["lr"])
-
-
-# Per-method `--optimizer` choices; each script's DEFAULTS names its publication's and the world's.
-OPTIMIZERS = {"lars": LARS, "adamw": torch.optim.AdamW, "sgd": functools.partial(torch.optim.SGD, momentum=0.9)}
-
-
-def set_lr(optimizer, lr):
-    for group in optimizer.param_groups:
-        group["lr"] = float(lr)  # a numpy scalar would not load with weights_only=True
+def check_flags(args, given):
+    """The checks that involve several flags, the processes or files, once the defaults are in:
+    each failure ends the command with one line (flags.fail) before any work starts. `given`: the
+    flags set on the command line (a default warm-up longer than a short run is cut to its length)."""
+    processes = int(os.environ.get("WORLD_SIZE", 1))
+    if args.batch_size < 2 * processes or args.batch_size % processes:
+        flags.fail(f"--batch-size must be a multiple of the {processes} process(es) with at least 2 pairs each "
+                   f"(BatchNorm and the losses need two), got {args.batch_size}")
+    if args.arch == "vit_small_patch8" and args.img_size % 8:
+        flags.fail(f"--img-size must be a multiple of 8 for vit_small_patch8 (its patch size), got {args.img_size}")
+    for flag in ("warmup_epochs", "teacher_temp_warmup_epochs", "freeze_last_layer"):
+        if flag in given and getattr(args, flag) > args.epochs:
+            flags.fail(f"--{flag.replace('_', '-')} must be at most --epochs ({args.epochs}), got {getattr(args, flag)}")
+    if args.init_backbone is not None and not Path(args.init_backbone).is_file():  # (--data: common/data.py)
+        flags.fail(f"--init-backbone: no such file: {args.init_backbone}")
 
 
 def git_commit():
@@ -399,7 +407,8 @@ class Run:
         record = dict(epoch=epoch + 1, loss=float(np.mean(self._losses)), images_per_s=self.images_per_s())
         if self._spreads:
             record["embedding_std"] = float(np.mean(self._spreads))
-        if (epoch + 1) % self.args.eval_every == 0 or epoch + 1 == self.args.epochs:
+        every = self.args.eval_every  # 0: at the end only
+        if (every and (epoch + 1) % every == 0) or epoch + 1 == self.args.epochs:
             record["knn_top1"] = self.knn(backbone)
         self.checkpoint(epoch + 1, 0)
         if self.main:
@@ -408,10 +417,6 @@ class Run:
 
     def knn(self, backbone):
         """kNN top-1 (k=20, T=0.07) of the backbone on the monitor split, or None if there is none."""
-        from common.transforms import eval_transform
-        from eval.features import extract_features
-        from eval.knn import knn_accuracy
-
         if not self.main:
             return None
         if self._monitor is None:
@@ -420,7 +425,7 @@ class Run:
                 self._monitor = False
             else:
                 bank, queries, classes = split
-                tf = eval_transform(self.args.img_size, 1.0 if self.args.data is None else 256 / 224)
+                tf = transforms.eval_transform(self.args.img_size, 1.0 if self.args.data is None else 256 / 224)
                 self._monitor = (data.LabelledImages(bank, tf, classes), data.LabelledImages(queries, tf, classes))
         if not self._monitor:
             return None

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import data, transforms, utils
+from common import data, optim, transforms, utils
 from common.backbones import build_backbone
 
 # flag: (real data, embedded world); SGD with the usual supervised ResNet settings.
@@ -29,13 +29,13 @@ DEFAULTS = {
 
 def supervised(args, run, dataset, loader, backbone, feat_dim):
     model = run.prepare(nn.Sequential(backbone, nn.Linear(feat_dim, len(dataset.classes))))
-    optimizer = torch.optim.SGD(utils.param_groups(model, args.weight_decay), lr=0.0, momentum=0.9, nesterov=True)
-    lr_schedule = utils.cosine_schedule(args.lr * args.batch_size / 256, 0.0, args.epochs, len(loader),
+    optimizer = torch.optim.SGD(optim.param_groups(model, args.weight_decay), lr=0.0, momentum=0.9, nesterov=True)
+    lr_schedule = optim.cosine_schedule(args.lr * args.batch_size / 256, 0.0, args.epochs, len(loader),
                                         args.warmup_epochs)
     start_epoch = run.resume(model=model, optimizer=optimizer)
     for epoch in range(start_epoch, args.epochs):
         for step, (x1, x2, y) in run.steps(loader, epoch):
-            utils.set_lr(optimizer, lr_schedule[step])
+            optim.set_lr(optimizer, lr_schedule[step])
             with run.autocast():
                 logits = model(torch.cat([x1, x2])).float()
             loss = F.cross_entropy(logits, torch.cat([y, y]))

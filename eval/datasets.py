@@ -4,13 +4,14 @@ downloaded) and the embedded world's transfer splits, their evaluation views, th
 scripts share, and the backbone and run settings a checkpoint comes with.
 
 Views
-- centre (the standard frozen-feature view): resize the short side to img_size * 256/224, then
-  centre-crop img_size (transforms.eval_transform); on the embedded world, whose images are
-  already img_size, the resize ratio is 1.0.
+- centre: resize the short side to img_size, then centre-crop img_size (transforms.eval_transform
+  with ratio 1): the whole image for the square downstream datasets and the world, as in the
+  SimCLR/Kornblith transfer protocol (linusericsson/ssl-transfer, linear.py: Resize(224) and
+  CenterCrop(224)). ImageNet's habit of resizing to 256/224 first would cut 1/16 of each side.
 - random (the study's Table 4 "random crop test", test images only): a crop of RANDOM_CROP_SCALE
   of the image's area with aspect ratio in RANDOM_CROP_RATIO at a random position, resized to
   img_size: a fifth to a half of the image, so that usually only part of the object shows (the
-  centre view keeps the central 77%). Each image's crop depends on (--seed, its index) alone.
+  centre view keeps the whole image). Each image's crop depends on (--seed, its index) alone.
 """
 import hashlib
 import json
@@ -23,7 +24,8 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from common.backbones import infer_arch, load_backbone
-from common.data import LabelledImages, image_folder, seeded, world_config
+from common import flags
+from common.data import LabelledImages, image_folder, seeded, world_config, world_setting
 from common.transforms import eval_transform, to_tensor
 from eval.features import cached_features, file_digest
 
@@ -94,15 +96,13 @@ class Views(Dataset):
             return self.transform(image), label
 
 
-def resize_ratio(name):
-    """Short-side resize before the centre crop: 256/224 on the downstream datasets, 1 on the world."""
-    return 1.0 if name == "embedded" else 256 / 224
+CENTRE_RESIZE_RATIO = 1.0  # short side resized to img_size before the centre crop: keeps the whole image
 
 
-def eval_view(name, img_size, crop="center"):
+def eval_view(img_size, crop="center"):
     """The evaluation view: the centre view, or the random partial crop of the Table 4 test."""
     if crop == "center":
-        return eval_transform(img_size, resize_ratio(name))
+        return eval_transform(img_size, CENTRE_RESIZE_RATIO)
     if crop == "random":
         return v2.Compose([v2.RandomResizedCrop(img_size, scale=RANDOM_CROP_SCALE, ratio=RANDOM_CROP_RATIO,
                                                 interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
@@ -110,9 +110,9 @@ def eval_view(name, img_size, crop="center"):
     raise ValueError(f"unknown crop {crop!r}; choose center or random")
 
 
-def view_protocol(name, img_size, crop, seed):
+def view_protocol(img_size, crop, seed):
     """The view settings as written into result files."""
-    out = {"img_size": img_size, "crop": crop, "resize_ratio": resize_ratio(name)}
+    out = {"img_size": img_size, "crop": crop, "resize_ratio": CENTRE_RESIZE_RATIO}
     if crop == "random":
         out.update(crop_scale=list(RANDOM_CROP_SCALE), crop_ratio=list(RANDOM_CROP_RATIO), crop_seed=seed)
     return out
@@ -130,14 +130,14 @@ def add_eval_args(parser, data=True):
         parser.add_argument("--crop", choices=("center", "random"), default="center", help="test-image view")
     parser.add_argument("--split", choices=("seen", "unseen"), default="seen",
                         help="embedded world: new instances of the pretraining classes, or unseen classes")
-    parser.add_argument("--world", nargs="*", metavar="KEY=VALUE",
+    parser.add_argument("--world", nargs="*", type=world_setting, metavar="KEY=VALUE",
                         help="embedded-world settings (default: those the run was pretrained with)")
-    parser.add_argument("--img-size", type=int,
+    parser.add_argument("--img-size", type=flags.bounded(int, 8),
                         help="input size (default: the run's, else 32 for the convnet, 224 otherwise)")
-    parser.add_argument("--seed", type=int, default=0, help="evaluation seed (validation split, random crops, ...)")
-    parser.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
-    parser.add_argument("--workers", type=int, help="data-loading processes (default: 8 on CUDA, 0 on CPU)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--seed", type=flags.SEED, default=0, help="evaluation seed (validation split, random crops, ...)")
+    parser.add_argument("--batch-size", type=flags.POSITIVE_INT, default=256, help="images per forward pass")
+    parser.add_argument("--workers", type=flags.COUNT, help="data-loading processes (default: 8 on CUDA, 0 on CPU)")
+    parser.add_argument("--device", type=flags.device, default=flags.default_device())
     parser.add_argument("--out",
                         help="result JSON (default: RUN/results/<eval>-<dataset>[-<split>][-<crop>]-s<seed>.json)")
     return parser
@@ -217,8 +217,8 @@ def dataset_features(args, backbone, part, crop="center"):
     path = Path(args.checkpoint).parent / "features" / f"{args.dataset}{split}-{part}-{crop}{seed}-{args.img_size}.pt"
     key = {"checkpoint_sha256": args.checkpoint_sha256, "data_root": str(Path(args.data_root).resolve()),
            "data": data_fingerprint(args.dataset, args.data_root, args.split), "part": part,
-           **view_protocol(args.dataset, args.img_size, crop, args.seed)}
-    dataset = Views(images, eval_view(args.dataset, args.img_size, crop), args.seed)
+           **view_protocol(args.img_size, crop, args.seed)}
+    dataset = Views(images, eval_view(args.img_size, crop), args.seed)
     feats, labels = cached_features(backbone, dataset, torch.device(args.device), path, key, args.batch_size,
                                     args.workers)
     return feats, labels, classes

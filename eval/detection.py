@@ -45,7 +45,7 @@ from torchvision.ops import RoIAlign
 from torchvision.transforms.functional import pil_to_tensor
 from tqdm import tqdm
 
-from common import data, utils
+from common import data, flags, optim, utils
 from common.backbones import build_backbone, infer_arch
 from common.transforms import IMAGENET_MEAN, IMAGENET_STD
 from eval import report
@@ -368,38 +368,40 @@ def evaluate(model, dataset, device, rank=0, world_size=1, batch_size=2, workers
 # ---------------------------------------------------------------- command line
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser("python -m eval.detection", description=__doc__,
+    p = flags.Parser("python -m eval.detection", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a backbone.pth of a torchvision ResNet (resnet50 or resnet18)")
     p.add_argument("--voc-root", required=True,
                    help=f"folder holding {layout('DIR')}, or 'embedded' for the embedded world's VOC split")
-    p.add_argument("--world", nargs="*", metavar="KEY=VALUE", help="embedded-world settings (with --voc-root embedded)")
+    p.add_argument("--world", nargs="*", type=data.world_setting, metavar="KEY=VALUE",
+                   help="embedded-world settings (with --voc-root embedded)")
     p.add_argument("--train-sets", nargs="+", metavar="YEAR/SET", help="default 2007/trainval 2012/trainval")
     p.add_argument("--test-set", metavar="YEAR/SET", help="default 2007/test")
-    p.add_argument("--iters", type=int)
-    p.add_argument("--batch-size", type=int, help="global batch (images), split over processes")
-    p.add_argument("--lr", type=float, help="learning rate for a batch of 16, scaled linearly (default 0.02)")
-    p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--warmup-iters", type=int)
-    p.add_argument("--min-sizes", type=int, nargs="+",
+    p.add_argument("--iters", type=flags.POSITIVE_INT, help="training iterations (default 24000)")
+    p.add_argument("--batch-size", type=flags.POSITIVE_INT, help="global batch (images), split over processes")
+    p.add_argument("--lr", type=flags.POSITIVE, help="learning rate for a batch of 16, scaled linearly (default 0.02)")
+    p.add_argument("--weight-decay", type=flags.NON_NEGATIVE, default=1e-4)
+    p.add_argument("--warmup-iters", type=flags.COUNT, help="linear warm-up iterations (default 100; 0: none)")
+    p.add_argument("--min-sizes", type=flags.bounded(int, 32), nargs="+",
                    help="training short sides, one drawn per image; the LAST is the test size (default 480 512 .. 800)")
-    p.add_argument("--max-size", type=int, help="cap on the long side (default 1333)")
-    p.add_argument("--roi-size", type=int, help="RoIAlign output size (default 14)")
-    p.add_argument("--rois-per-image", type=int, help="sampled RoIs per training image (default 512)")
-    p.add_argument("--test-proposals", type=int, help="RPN proposals per test image after NMS (default 1000)")
-    p.add_argument("--precise-bn-iters", type=int,
+    p.add_argument("--max-size", type=flags.bounded(int, 32), help="cap on the long side (default 1333)")
+    p.add_argument("--roi-size", type=flags.POSITIVE_INT, help="RoIAlign output size (default 14)")
+    p.add_argument("--rois-per-image", type=flags.POSITIVE_INT, help="sampled RoIs per training image (default 512)")
+    p.add_argument("--test-proposals", type=flags.POSITIVE_INT, help="RPN proposals per test image after NMS (default 1000)")
+    p.add_argument("--precise-bn-iters", type=flags.COUNT,
                    help="training batches for precise BN at the end (default 200; 0: off)")
-    p.add_argument("--checkpoint-every", type=int, help="iterations between checkpoints (default 2000)")
-    p.add_argument("--test-batch-size", type=int, default=1,
+    p.add_argument("--checkpoint-every", type=flags.COUNT,
+                   help="iterations between checkpoints (default 2000; 0: at the end only)")
+    p.add_argument("--test-batch-size", type=flags.POSITIVE_INT, default=1,
                    help="images per process at test time (1 as in the reference: batching adds padding)")
-    p.add_argument("--workers", type=int, help="data-loading processes per process")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=flags.COUNT, help="data-loading processes per process (0: in the process)")
+    p.add_argument("--seed", type=flags.SEED, default=0)
     p.add_argument("--out", help="output folder (default runs/detection-<checkpoint folder>-s<seed>)")
     p.add_argument("--result", help="the result JSON for eval/report.py (default: RUN/results/"
                    "detection-<voc>-s<seed>.json next to the checkpoint)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pth if it exists")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--log-every", type=int, default=20)
+    p.add_argument("--device", type=flags.device, default=flags.default_device())
+    p.add_argument("--log-every", type=flags.POSITIVE_INT, default=20)
     args = p.parse_args(argv)
     embedded = args.voc_root == "embedded"
     for flag, (real, world) in DEFAULTS.items():
@@ -469,7 +471,7 @@ def main(argv=None):
     tick, seen = time.perf_counter(), 0
     for it, (images, targets, _) in zip(bar, batches(loader, sampler, *divmod(start, len(sampler)))):
         lr = learning_rate(it, base_lr, args.iters, args.warmup_iters)
-        utils.set_lr(optimizer, lr)
+        optim.set_lr(optimizer, lr)
         images = [x.to(run.device, non_blocking=True) for x in images]
         targets = [{k: v.to(run.device, non_blocking=True) for k, v in t.items()} for t in targets]
         losses = model(images, targets)

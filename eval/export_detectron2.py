@@ -19,6 +19,7 @@ import sys
 
 import torch
 
+from common import flags
 from common.backbones import infer_arch
 
 
@@ -40,7 +41,7 @@ def to_detectron2(state_dict, author="semantic-pairs"):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = flags.Parser("python -m eval.export_detectron2", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="a backbone.pth of a torchvision ResNet")
     parser.add_argument("output", help="the detectron2 checkpoint to write (.pkl)")
     args = parser.parse_args(argv)

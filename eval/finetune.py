@@ -33,14 +33,14 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.transforms import v2
 
-from common import utils
+from common import flags, optim, utils
 from common.backbones import build_backbone
 from common.data import ImageError, SeededBatchSampler, make_loader
+from common.features import extract_features
 from common.transforms import to_tensor
 from eval import report
 from eval.datasets import (Views, add_eval_args, data_root, eval_view, labelled_images, load_for_eval, result_path,
                            view_protocol)
-from eval.features import extract_features
 
 
 class FineTuned(nn.Module):
@@ -85,17 +85,19 @@ def train_view(img_size):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m eval.finetune", description=__doc__,
+    parser = flags.Parser(prog="python -m eval.finetune", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_eval_args(parser)
-    parser.add_argument("--epochs", type=int, default=100)
-    parser.add_argument("--lr", type=float, default=5e-4, help="base lr, scaled by batch / 256")
-    parser.add_argument("--min-lr", type=float, default=1e-6)
-    parser.add_argument("--warmup-epochs", type=int, default=5)
-    parser.add_argument("--weight-decay", type=float, default=0.05)
-    parser.add_argument("--layer-decay", type=float, default=0.65, help="ViT only; 1 turns it off")
-    parser.add_argument("--drop-path", type=float, default=0.1, help="ViT only")
-    parser.add_argument("--label-smoothing", type=float, default=0.1)
+    parser.add_argument("--epochs", type=flags.POSITIVE_INT, default=100)
+    parser.add_argument("--lr", type=flags.POSITIVE, default=5e-4, help="base lr, scaled by batch / 256")
+    parser.add_argument("--min-lr", type=flags.NON_NEGATIVE, default=1e-6)
+    parser.add_argument("--warmup-epochs", type=flags.COUNT, default=5, help="0: none")
+    parser.add_argument("--weight-decay", type=flags.NON_NEGATIVE, default=0.05)
+    parser.add_argument("--layer-decay", type=flags.FRACTION, default=0.65, help="ViT only, in (0, 1]; 1 turns it off")
+    parser.add_argument("--drop-path", type=flags.bounded(float, 0, 1, high_open=True), default=0.1,
+                        help="ViT only, in [0, 1)")
+    parser.add_argument("--label-smoothing", type=flags.bounded(float, 0, 1, high_open=True), default=0.1,
+                        help="in [0, 1)")
     parser.add_argument("--resume", action="store_true", help="continue from the fine-tuning checkpoint")
     args = parser.parse_args(argv)
     start = time.time()
@@ -117,7 +119,7 @@ def main(argv=None):
 
     model = FineTuned(backbone, dim, len(classes)).to(device)
     optimizer = torch.optim.AdamW(param_groups(model, args.arch, args.weight_decay, args.layer_decay), lr=0.0)
-    lr_schedule = utils.cosine_schedule(args.lr * args.batch_size / 256, args.min_lr, args.epochs, len(loader),
+    lr_schedule = optim.cosine_schedule(args.lr * args.batch_size / 256, args.min_lr, args.epochs, len(loader),
                                         args.warmup_epochs)
     out = result_path(args, "finetune", args.crop)
     split = f"-{args.split}" if args.dataset == "embedded" else ""
@@ -156,7 +158,7 @@ def main(argv=None):
               file=sys.stderr)
 
     test_images, _ = labelled_images(args.dataset, args.data_root, "test", args.split)
-    test = Views(test_images, eval_view(args.dataset, args.img_size, args.crop), args.seed)
+    test = Views(test_images, eval_view(args.img_size, args.crop), args.seed)
     logits, labels = extract_features(model, test, device, args.batch_size, args.workers)
     acc = 100.0 * (logits.argmax(1) == labels).float().mean().item()
     protocol = {"name": "full-finetune (MAE recipe without RandAugment/mixup/cutmix/erasing)",
@@ -167,7 +169,7 @@ def main(argv=None):
                 "drop_path": args.drop_path if args.arch == "vit_small_patch8" else None,
                 "label_smoothing": args.label_smoothing,
                 "train_view": {"img_size": args.img_size, "crop": "RandomResizedCrop(0.08, 1) + flip"},
-                "test_view": view_protocol(args.dataset, args.img_size, args.crop, args.seed)}
+                "test_view": view_protocol(args.img_size, args.crop, args.seed)}
     record = report.result_record(args, "finetune", accuracy=acc, num_classes=len(classes), num_train=len(train),
                                   num_test=len(test), protocol=protocol, time_s=time.time() - start)
     path = report.write_result(record, out)

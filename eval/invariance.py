@@ -28,12 +28,13 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from common import flags
 from common.data import world_config
+from common.features import extract_features
 from common.transforms import eval_transform
 from common.utils import run_main
 from eval import report
 from eval.datasets import add_eval_args, load_for_eval, result_path, world_settings
-from eval.features import extract_features
 
 
 class ArrayImages(Dataset):
@@ -81,10 +82,10 @@ def measure(backbone, cfg, n, seed, unseen, img_size, device, batch_size=256):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m eval.invariance", description=__doc__,
+    parser = flags.Parser(prog="python -m eval.invariance", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_eval_args(parser, data=False)
-    parser.add_argument("--n", type=int, default=500, help="instances per factor")
+    parser.add_argument("--n", type=flags.POSITIVE_INT, default=500, help="instances per factor")
     parser.set_defaults(dataset="embedded")
     args = parser.parse_args(argv)
     start = time.time()

@@ -1,7 +1,5 @@
-"""Weighted k-nearest-neighbour classification on frozen features (Wu et al. 2018; DINO).
-
-Features are L2-normalised; each of the k most cosine-similar bank samples votes for its
-class with weight exp(similarity / T). Works for any number of queries and classes.
+"""Weighted k-nearest-neighbour classification on frozen features (Wu et al. 2018; DINO), the
+classifier in common/features.py.
 
     python -m eval.knn --checkpoint RUN/backbone.pth --dataset stl10 --data-root DATA [--crop random]
     python -m eval.knn --checkpoint RUN/backbone.pth --dataset embedded --split unseen
@@ -14,39 +12,20 @@ import json
 import time
 
 import torch
-import torch.nn.functional as F
 
-
-@torch.no_grad()
-def knn_predict(bank, bank_labels, queries, num_classes, k=20, temperature=0.07, chunk=1024):
-    """Class scores (queries x classes) from the k nearest bank features."""
-    bank = F.normalize(bank.float(), dim=1)
-    k = min(k, len(bank))
-    scores = []
-    for q in F.normalize(queries.float(), dim=1).split(chunk):
-        sim, idx = (q @ bank.T).topk(k, dim=1)
-        votes = torch.zeros(len(q), num_classes, device=q.device)
-        votes.scatter_add_(1, bank_labels[idx], (sim / temperature).exp())
-        scores.append(votes)
-    return torch.cat(scores) if scores else torch.zeros(0, num_classes)
-
-
-def knn_accuracy(bank, bank_labels, queries, query_labels, num_classes, k=20, temperature=0.07):
-    """Top-1 accuracy in percent."""
-    pred = knn_predict(bank, bank_labels, queries, num_classes, k, temperature).argmax(1)
-    return 100.0 * (pred == query_labels).float().mean().item()
+from common import flags
+from common.features import knn_accuracy
 
 
 def main(argv=None):
-    # Imported here: the training scripts' kNN monitor imports this module for knn_accuracy alone.
     from eval import report
     from eval.datasets import add_eval_args, dataset_features, load_for_eval, result_path, view_protocol
 
-    parser = argparse.ArgumentParser(prog="python -m eval.knn", description=__doc__,
+    parser = flags.Parser(prog="python -m eval.knn", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_eval_args(parser)
-    parser.add_argument("--k", type=int, default=20)
-    parser.add_argument("--temperature", type=float, default=0.07)
+    parser.add_argument("--k", type=flags.POSITIVE_INT, default=20, help="neighbours that vote")
+    parser.add_argument("--temperature", type=flags.POSITIVE, default=0.07, help="votes weigh exp(similarity / T)")
     args = parser.parse_args(argv)
     start = time.time()
     backbone, _ = load_for_eval(args)
@@ -57,8 +36,8 @@ def main(argv=None):
                        args.k, args.temperature)
     protocol = {"name": "weighted-knn", "k": args.k, "temperature": args.temperature,
                 "features": "global-pooled, L2-normalised, backbone in eval mode, centre view",
-                "train_view": view_protocol(args.dataset, args.img_size, "center", args.seed),
-                "test_view": view_protocol(args.dataset, args.img_size, args.crop, args.seed)}
+                "train_view": view_protocol(args.img_size, "center", args.seed),
+                "test_view": view_protocol(args.img_size, args.crop, args.seed)}
     record = report.result_record(args, "knn", accuracy=acc, num_classes=len(classes), num_train=len(bank_labels),
                                   num_test=len(labels), protocol=protocol, time_s=time.time() - start)
     path = report.write_result(record, result_path(args, "knn", args.crop))

@@ -8,7 +8,7 @@ Protocol (SimCLR's transfer protocol: an L2-regularised multinomial logistic reg
 features, fitted with L-BFGS, the regularisation chosen on a validation split; Chen et al. 2020):
 1. Features: the global-pooled backbone output, backbone in eval mode (BN statistics frozen), of
    the centre view of every training and test image (eval.datasets: resize the short side to
-   img_size * 256/224, centre-crop img_size; ratio 1 on the embedded world). Training images get
+   img_size and centre-crop img_size, which keeps the whole of a square image). Training images get
    no augmentation, so features are computed once per checkpoint and cached in RUN/features/.
 2. Each feature is standardised with the mean and std of the set being fitted.
 3. Classifier: softmax regression minimising mean cross-entropy + l2/2 * ||W||^2 (bias not
@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
+from common import flags
 from common.utils import run_main
 from eval import report
 from eval.datasets import add_eval_args, dataset_features, load_for_eval, result_path, view_protocol
@@ -141,14 +142,14 @@ def train_probe(x, y, num_classes, grid=L2_GRID, val_fraction=VAL_FRACTION, seed
 
 def protocol(args, search):
     return {"name": "l2-logistic-regression", "features": "global-pooled, backbone in eval mode, centre view",
-            "train_view": view_protocol(args.dataset, args.img_size, "center", args.seed),
-            "test_view": view_protocol(args.dataset, args.img_size, args.crop, args.seed),
+            "train_view": view_protocol(args.img_size, "center", args.seed),
+            "test_view": view_protocol(args.img_size, args.crop, args.seed),
             "standardise": "fitting set mean/std", "optimizer": "full-batch L-BFGS, strong Wolfe, history 20",
             "max_iter": MAX_ITER, "val_fraction": VAL_FRACTION, "selection": "validation accuracy", **search}
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m eval.linear_probe", description=__doc__,
+    parser = flags.Parser(prog="python -m eval.linear_probe", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     args = add_eval_args(parser).parse_args(argv)
     start = time.time()

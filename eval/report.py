@@ -52,6 +52,8 @@ from pathlib import Path
 
 import numpy as np
 
+from common import flags
+
 SCHEMA = "sempairs-eval/1"
 RUN_FIELDS = ("method", "pairs", "seed", "epochs", "images_per_class", "transforms", "arch", "batch_size",
               "world", "data", "world_version", "world_seed", "embedding_std")
@@ -430,7 +432,7 @@ def write_report(results, out):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m eval.report", description=__doc__,
+    parser = flags.Parser(prog="python -m eval.report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folders", nargs="+", help="folders searched recursively for result files")
     parser.add_argument("--out", help="output folder (default: FIRST_FOLDER/report)")

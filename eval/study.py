@@ -38,6 +38,8 @@ from dataclasses import dataclass, field, replace
 from fnmatch import fnmatch
 from pathlib import Path
 
+from common.data import world_setting
+from common.flags import POSITIVE_INT, SEED, Parser
 from common.utils import git_commit
 
 REPO = Path(__file__).resolve().parents[1]
@@ -347,24 +349,25 @@ def run_slurm(cells, root, a, executor_factory=None):
 
 def parse_args(argv=None):
     """(flags, the preset's cells to run, study folder)."""
-    p = argparse.ArgumentParser(prog="python -m eval.study", description=__doc__,
+    p = Parser(prog="python -m eval.study", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", required=True, help="embedded, embedded-quick, embedded-nuisance, figure4, "
                    "table1..table5, figure5, or paper (all of the paper's)")
-    p.add_argument("--out", required=True, help="study folder")
+    p.add_argument("--out", help="study folder (required, except with --list)")
     p.add_argument("--executor", choices=("local", "debug", "slurm"), default="local")
-    p.add_argument("--jobs", type=int, default=1, help="local executor: cells run at a time (default 1)")
-    p.add_argument("--seeds", type=int, nargs="+",
+    p.add_argument("--jobs", type=POSITIVE_INT, default=1, help="local executor: cells run at a time (default 1)")
+    p.add_argument("--seeds", type=SEED, nargs="+",
                    help="pretraining seeds (default 0 1 2; the embedded presets: 0, in each world)")
     p.add_argument("--cells", nargs="+", metavar="PATTERN",
                    help="only the preset's cells whose names match one of these shell patterns, e.g. 'simclr-*'")
     p.add_argument("--train-args", default="", metavar="FLAGS",
                    help='flags added to every pretraining command, e.g. --train-args="--workers 4 --batch-size 64"')
-    p.add_argument("--list", action="store_true", help="print the cells and what is left to do, then stop")
+    p.add_argument("--list", action="store_true",
+                   help="print the cells (with --out, what is left of each), then stop")
     embedded = p.add_argument_group("embedded presets")
-    embedded.add_argument("--epochs", type=int, help="pretraining epochs (default: the scripts' default on the world)")
-    embedded.add_argument("--world", nargs="+", metavar="KEY=VALUE", help="world settings, e.g. num_classes=20")
-    embedded.add_argument("--world-seeds", type=int, nargs="+", metavar="SEED",
+    embedded.add_argument("--epochs", type=POSITIVE_INT, help="pretraining epochs (default: the scripts' default on the world)")
+    embedded.add_argument("--world", nargs="+", type=world_setting, metavar="KEY=VALUE", help="world settings, e.g. num_classes=20")
+    embedded.add_argument("--world-seeds", type=SEED, nargs="+", metavar="SEED",
                           help="worlds to run in (default: 1 2 3, held out from calibration; embedded-quick: 1; "
                                "embedded-calibration: 0)")
     real = p.add_argument_group("real data (paper presets)")
@@ -376,12 +379,12 @@ def parse_args(argv=None):
     slurm = p.add_argument_group("slurm")
     slurm.add_argument("--partition")
     slurm.add_argument("--account")
-    slurm.add_argument("--gpus-per-node", type=int, default=8, help="GPUs (= tasks) per node of a pretraining job")
-    slurm.add_argument("--nodes", type=int, default=1, help="nodes per pretraining job")
-    slurm.add_argument("--eval-gpus", type=int, default=1, help="GPUs per evaluation job")
-    slurm.add_argument("--cpus-per-task", type=int, default=10)
-    slurm.add_argument("--time", type=int, default=72 * 60, help="minutes per job (jobs requeue and resume)")
-    slurm.add_argument("--array-parallelism", type=int, default=16)
+    slurm.add_argument("--gpus-per-node", type=POSITIVE_INT, default=8, help="GPUs (= tasks) per node of a pretraining job")
+    slurm.add_argument("--nodes", type=POSITIVE_INT, default=1, help="nodes per pretraining job")
+    slurm.add_argument("--eval-gpus", type=POSITIVE_INT, default=1, help="GPUs per evaluation job")
+    slurm.add_argument("--cpus-per-task", type=POSITIVE_INT, default=10)
+    slurm.add_argument("--time", type=POSITIVE_INT, default=72 * 60, help="minutes per job (jobs requeue and resume)")
+    slurm.add_argument("--array-parallelism", type=POSITIVE_INT, default=16)
     a = p.parse_args(argv)
     a.seeds = a.seeds or ([0] if a.preset in EMBEDDED else [0, 1, 2])
     # Commands run in the repository root: paths given relative to here are made absolute.
@@ -396,7 +399,9 @@ def parse_args(argv=None):
             p.error("--epochs, --world and --world-seeds apply to the embedded presets; the paper's set their own epochs")
         if not (a.imagenet and a.manifest) and not a.list:
             p.error("the paper's presets train on ImageNet: give --imagenet and --manifest")
-    cells, root = select(table[a.preset]), Path(a.out).resolve()
+    if a.out is None and not a.list:
+        p.error("--out is required (the study folder); only --list can do without it")
+    cells, root = select(table[a.preset]), Path(a.out).resolve() if a.out else None
     if a.cells:
         cells = [c for c in cells if any(fnmatch(c.name, pattern) for pattern in a.cells)]
         if not cells:
@@ -408,6 +413,9 @@ def main(argv=None):
     a, cells, root = parse_args(argv)
     if a.list:
         for c in cells:
+            if root is None:  # no study folder: the cells alone
+                print(c.name)
+                continue
             left = len(c.commands(root))
             print(f"{c.name:48s} {'done' if not left else f'{left} command(s) left'}")
         return

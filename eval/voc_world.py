@@ -17,7 +17,6 @@ Boxes: the world's 0-based (xmin, ymin, xmax exclusive, ymax exclusive) becomes 
 inclusive (xmin + 1, ymin + 1, xmax, ymax), so the reader's (xmin - 1, ymin - 1, xmax, ymax)
 gives back the world's box exactly.
 """
-import argparse
 import csv
 import json
 import os
@@ -109,12 +108,13 @@ def ensure_voc(world_root):
 
 
 def main(argv=None):
-    from common.data import world_config
+    from common import flags
+    from common.data import world_config, world_setting
     from common.world import ensure_world
 
-    parser = argparse.ArgumentParser(description="Write the embedded world's VOC-format detection split.")
+    parser = flags.Parser("python -m eval.voc_world", description="Write the embedded world's VOC-format detection split.")
     parser.add_argument("--out", required=True, help="output folder (gets VOCdevkit/VOC2007/...)")
-    parser.add_argument("--world", nargs="*", metavar="KEY=VALUE", help="embedded-world settings")
+    parser.add_argument("--world", nargs="*", type=world_setting, metavar="KEY=VALUE", help="embedded-world settings")
     args = parser.parse_args(argv)
     out = write_voc(ensure_world(world_config(args.world)), args.out)
     for image_set in ("trainval", "test"):

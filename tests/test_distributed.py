@@ -20,7 +20,7 @@ import byol
 import dino
 import simclr
 import vicreg
-from common import distributed, utils
+from common import distributed, optim, utils
 from common.backbones import build_backbone
 
 WORLD_SIZE = 2

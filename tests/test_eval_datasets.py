@@ -157,7 +157,7 @@ def test_linear_probe_end_to_end(tmp_path, unchecked, name):
     assert 3 * 100 / classes < result["accuracy"] <= 100  # the classes differ in colour: far above chance
     protocol = result["protocol"]
     assert protocol["l2"] in protocol["l2_grid"] and len(protocol["val_accuracy"]) == len(protocol["l2_grid"])
-    assert protocol["num_val"] == classes and protocol["test_view"]["resize_ratio"] == pytest.approx(256 / 224)
+    assert protocol["num_val"] == classes and protocol["test_view"]["resize_ratio"] == 1.0
 
 
 def test_probe_chooses_l2_without_looking_at_the_test_set(tmp_path, unchecked):
@@ -210,7 +210,7 @@ def test_random_crop_shows_a_fifth_to_a_half_of_the_image():
     ramp = np.arange(96, dtype=np.float64) / 95 * 255
     img = np.zeros((96, 96, 3), np.uint8)
     img[..., 0], img[..., 1] = ramp[None, :], ramp[:, None]
-    view = datasets.Views([(Image.fromarray(img), 0)], datasets.eval_view("stl10", 96, "random"), seed=0)
+    view = datasets.Views([(Image.fromarray(img), 0)], datasets.eval_view(96, "random"), seed=0)
     mean, std = torch.tensor(IMAGENET_MEAN)[:2, None, None], torch.tensor(IMAGENET_STD)[:2, None, None]
     fractions = []
     for seed in range(20):
@@ -221,6 +221,19 @@ def test_random_crop_shows_a_fifth_to_a_half_of_the_image():
         fractions.append(float(width * height))
         torch.testing.assert_close(view[0][0], datasets.Views(view.images, view.transform, seed)[0][0])
     assert 0.17 <= min(fractions) and max(fractions) <= 0.53 and max(fractions) - min(fractions) > 0.05
+
+
+def test_centre_view_keeps_the_whole_image():
+    """SimCLR/Kornblith transfer protocol: a 96-px STL-10 image upscaled to 224 keeps its border
+    (ImageNet's resize to 256 and crop 224 would cut 1/16 of each side)."""
+    ramp = np.arange(96, dtype=np.float64) / 95 * 255
+    img = np.zeros((96, 96, 3), np.uint8)
+    img[..., 0], img[..., 1] = ramp[None, :], ramp[:, None]
+    x = datasets.Views([(Image.fromarray(img), 0)], datasets.eval_view(224), seed=0)[0][0]
+    mean, std = torch.tensor(IMAGENET_MEAN)[:2, None, None], torch.tensor(IMAGENET_STD)[:2, None, None]
+    x = (x[:2] * std + mean) * 255
+    assert x.shape[-2:] == (224, 224)
+    assert x[0].min() < 3 and x[0].max() > 252 and x[1].min() < 3 and x[1].max() > 252
 
 
 def test_embedded_world_probe_and_knn_both_splits(tiny_world, tmp_path):

@@ -6,7 +6,7 @@ import pickle
 import torch
 
 from eval import knn
-from eval.knn import knn_accuracy, knn_predict
+from common.features import knn_accuracy, knn_predict
 from tests.test_eval_datasets import one_thread, random_run, unchecked, write_cifar  # noqa: F401  (fixtures)
 
 # Cosine similarities to the query (1, 0): 1 (class 0), 0 (class 1), 1/sqrt(2) (class 1), -1 (class 0).

@@ -12,7 +12,7 @@ from torch import nn
 import byol
 import dino
 import vicreg
-from common import ema, monitor, utils
+from common import ema, monitor, optim, utils
 
 LN3 = math.log(3)
 
