@@ -1,0 +1,45 @@
+"""eval.calibration: the calibration criteria's figures without any semantic-pair accuracy, and
+the colour-histogram reference probe."""
+import json
+
+import numpy as np
+from PIL import Image
+
+from eval import calibration, report
+
+
+def write(folder, name, method, pairs, split, accuracy, spread):
+    record = {"schema": report.SCHEMA, "eval": "linear", "method": method, "pairs": pairs, "seed": 0,
+              "dataset": "embedded", "split": split, "accuracy": accuracy, "embedding_std": spread, "data": None,
+              "world_version": 2, "world_seed": 0, "checkpoint": f"{method}-{pairs}/backbone.pth"}
+    (folder / f"{name}-{split}.json").write_text(json.dumps(record))
+
+
+def test_the_table_never_shows_a_semantic_pair_accuracy(tmp_path, capsys):
+    for split, offset in (("seen", 0), ("unseen", 10)):
+        write(tmp_path, "sp", "byol", "semantic", split, 97.25 + offset, 0.05)
+        write(tmp_path, "ap", "byol", "augmented", split, 30.0 + offset, 0.4)
+        write(tmp_path, "sup", "supervised", "supervised", split, 55.0 + offset, None)
+        write(tmp_path, "rand", "random", "random", split, 10.0 + offset, None)
+    calibration.main([str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "97.2" not in out and "107.2" not in out
+    rows = {line.split(" | ")[0].strip("| "): line for line in out.splitlines()[2:]}
+    assert rows["byol semantic"].endswith("| 0.05 | 1 of 1 |")  # collapsed: below report.COLLAPSED_BELOW
+    assert "| 30.0 | 40.0 | 3.0x | 0.40 | 0 of 1 |" in rows["byol augmented"]
+    assert "| 55.0 | 65.0 |" in rows["supervised"]
+
+
+def test_colour_histograms_count_each_pixel_in_its_bin(tmp_path):
+    pixels = np.zeros((2, 2, 3), np.uint8)
+    pixels[0, 0] = (255, 0, 0)   # bin (3, 0, 0) of 4 x 4 x 4
+    Image.fromarray(pixels).save(tmp_path / "a.png")
+    x, y = calibration.colour_histograms([(tmp_path / "a.png", 7)])
+    assert x.shape == (1, 64) and y.tolist() == [7]
+    assert x[0, 0] == 0.75 and x[0, 3 * 16] == 0.25
+
+
+def test_the_colour_histogram_probe_sees_the_class_colours(tiny_world):
+    # 4 classes whose parts keep their class colours with probability 0.95: colour alone beats chance
+    accuracy = calibration.colour_histogram_probe(tiny_world, "seen")
+    assert accuracy > 100 / 4
