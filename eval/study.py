@@ -5,6 +5,8 @@
     python -m eval.study --preset figure4 --executor slurm --out /scratch/study \\
         --imagenet IMAGENET/train --manifest pairs.csv --downstream DATA \\
         --partition gpu --gpus-per-node 8 --time 4320 --array-parallelism 16 --account ACC
+    python -m eval.study --preset embedded --executor slurm --out runs/cpu \\
+        --partition cpu --gpus-per-node 0 --eval-gpus 0 --cpus-per-task 4    # a CPU partition
     python -m eval.study --preset paper --list                            # show the cells
     python -m eval.study --preset embedded --cells 'simclr-*' --epochs 10 --world num_classes=20 \\
         --train-args="--workers 4" --out runs/small                      # a smaller study
@@ -22,8 +24,10 @@ the paper's tables and figures (eval/report.py) in OUT/report/.
 Executors: `local` runs each command as a subprocess, one after another (`--jobs N`: N cells at
 a time, each on its share of the cores; 2 on 2 cores keeps both busy); `debug` runs them in
 this process (for tests and debuggers); `slurm` submits the unfinished pretraining runs as one
-submitit job array (checkpointable: on preemption or timeout the job is requeued and resumes)
-and each cell's evaluations as a job that starts after its own pretraining task succeeded.
+submitit job array (checkpointable: on preemption or timeout the job is requeued and resumes;
+--signal-delay says how long before its time limit it is told) and each cell's evaluations as a
+job that starts after its own pretraining task succeeded. With --gpus-per-node 0 (and
+--eval-gpus 0) the jobs are CPU jobs: one task of --cpus-per-task CPUs, no gres.
 """
 import argparse
 import contextlib
@@ -275,8 +279,9 @@ def write_cell_record(c, root):
 
 class SlurmTask:
     """A submitit job running one stage of a cell ("train": one task per GPU, each a rank of
-    torch.distributed; "eval": one task). Checkpointable: on preemption or timeout submitit
-    requeues it, and the commands resume from their last checkpoints."""
+    torch.distributed, or one task per node on a CPU partition; "eval": one task). Checkpointable:
+    on preemption or timeout submitit requeues it, and the commands resume from their last
+    checkpoints."""
 
     def __init__(self, cell, root, stage):
         self.cell, self.root, self.stage = cell, root, stage
@@ -286,9 +291,12 @@ class SlurmTask:
 
         if self.stage == "train":
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        env = dict(os.environ)
+        if "SLURM_CPUS_PER_TASK" in env:  # without a cpuset torch would start a thread per core of the node
+            env.setdefault("OMP_NUM_THREADS", env["SLURM_CPUS_PER_TASK"])
         cmds = self.cell.train_commands(self.root) if self.stage == "train" else self.cell.eval_commands(self.root)
         for cmd in cmds:
-            subprocess.run([sys.executable, *cmd], cwd=REPO, check=True)
+            subprocess.run([sys.executable, *cmd], cwd=REPO, env=env, check=True)
 
     def checkpoint(self):
         import submitit
@@ -297,14 +305,17 @@ class SlurmTask:
 
 
 def slurm_parameters(a, stage):
-    """submitit parameters: pretraining jobs get one task per GPU on --nodes nodes, evaluation
-    jobs one task with --eval-gpus GPUs."""
-    train = stage == "train"
-    return dict(slurm_partition=a.partition, slurm_account=a.account, nodes=a.nodes if train else 1,
-                gpus_per_node=a.gpus_per_node if train else a.eval_gpus,
-                tasks_per_node=a.gpus_per_node if train else 1, cpus_per_task=a.cpus_per_task,
-                timeout_min=a.time, slurm_array_parallelism=a.array_parallelism, slurm_signal_delay_s=120,
-                name=f"sempairs-{stage}")
+    """submitit parameters. Pretraining jobs get one task per GPU on --nodes nodes, or one task per
+    node with --gpus-per-node 0; evaluation jobs one task with --eval-gpus GPUs. Jobs without GPUs
+    ask for no gres at all: sbatch refuses any on nodes without."""
+    gpus = a.gpus_per_node if stage == "train" else a.eval_gpus
+    params = dict(slurm_partition=a.partition, slurm_account=a.account, nodes=a.nodes if stage == "train" else 1,
+                  tasks_per_node=max(gpus, 1) if stage == "train" else 1, cpus_per_task=a.cpus_per_task,
+                  timeout_min=a.time, slurm_array_parallelism=a.array_parallelism,
+                  slurm_signal_delay_s=a.signal_delay, name=f"sempairs-{stage}")
+    if gpus:
+        params["gpus_per_node"] = gpus
+    return params
 
 
 def run_slurm(cells, root, a, executor_factory=None):
@@ -370,8 +381,12 @@ def parse_args(argv=None):
     slurm.add_argument("--eval-gpus", type=int, default=1, help="GPUs per evaluation job")
     slurm.add_argument("--cpus-per-task", type=int, default=10)
     slurm.add_argument("--time", type=int, default=72 * 60, help="minutes per job (jobs requeue and resume)")
+    slurm.add_argument("--signal-delay", type=int, default=120, metavar="SECONDS",
+                       help="a job is told this long before its time limit to requeue itself (default 120)")
     slurm.add_argument("--array-parallelism", type=int, default=16)
     a = p.parse_args(argv)
+    if a.signal_delay >= a.time * 60:
+        p.error(f"--signal-delay {a.signal_delay} s must be shorter than --time {a.time} min")
     a.seeds = a.seeds or ([0] if a.preset == "embedded-quick" else [0, 1, 2])
     # Commands run in the repository root: paths given relative to here are made absolute.
     for name in ("imagenet", "manifest", "downstream", "voc_root"):

@@ -274,6 +274,37 @@ def test_slurm_submits_checkpointable_arrays_and_dependent_evaluations(tmp_path)
     assert executors == []
 
 
+def sbatch_script(a, stage, folder):
+    """The sbatch script submitit writes for a stage's jobs (its #SBATCH lines are the request)."""
+    executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
+    executor.update_parameters(**study.slurm_parameters(a, stage))
+    return [line for line in executor._executor._make_submission_file_text("true", "0").splitlines()
+            if line.startswith("#SBATCH")]
+
+
+def test_cpu_partitions_get_one_task_per_node_and_no_gres(tmp_path):
+    args = ["--preset", "figure4", "--out", str(tmp_path), "--imagenet", "in", "--manifest", "m.csv",
+            "--partition", "cpu", "--cpus-per-task", "4"]
+    a, _, _ = study.parse_args([*args, "--gpus-per-node", "0", "--eval-gpus", "0", "--nodes", "2"])
+    for stage, nodes in (("train", 2), ("eval", 1)):
+        lines = sbatch_script(a, stage, tmp_path)
+        assert not [line for line in lines if "gpu" in line or "gres" in line], lines
+        assert {"#SBATCH --ntasks-per-node=1", f"#SBATCH --nodes={nodes}", "#SBATCH --partition=cpu",
+                "#SBATCH --cpus-per-task=4"} <= set(lines)
+    # GPU jobs keep one task per GPU.
+    a, _, _ = study.parse_args([*args, "--gpus-per-node", "8", "--eval-gpus", "2", "--signal-delay", "300"])
+    assert {"#SBATCH --gpus-per-node=8", "#SBATCH --ntasks-per-node=8", "#SBATCH --signal=USR2@300"} <= \
+        set(sbatch_script(a, "train", tmp_path))
+    assert {"#SBATCH --gpus-per-node=2", "#SBATCH --ntasks-per-node=1"} <= set(sbatch_script(a, "eval", tmp_path))
+
+
+def test_a_signal_delay_longer_than_the_time_limit_is_refused(capsys):
+    with pytest.raises(SystemExit) as refused:
+        study.parse_args(["--preset", "embedded", "--out", "x", "--time", "1", "--signal-delay", "60"])
+    assert refused.value.code == 2
+    assert "--signal-delay 60 s must be shorter than --time 1 min" in capsys.readouterr().err
+
+
 def test_presets_sharing_a_cell_run_all_their_evaluations(tmp_path):
     a, cells, _ = study.parse_args(["--preset", "paper", "--seeds", "0", "--out", str(tmp_path), "--list"])
     assert len({c.name for c in cells}) == len(cells)
