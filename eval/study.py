@@ -670,4 +670,8 @@ def fail(message):
 
 
 if __name__ == "__main__":
-    main()
+    # Run as the module eval.study, not as __main__: the pickles of SLURM jobs then name eval.study's
+    # classes, which the jobs import, instead of carrying a copy of this file's code.
+    from eval.study import main as study_main
+
+    study_main()
