@@ -5,6 +5,9 @@
     python -m eval.study --preset figure4 --executor slurm --out /scratch/study \\
         --imagenet IMAGENET/train --manifest pairs.csv --downstream DATA \\
         --partition gpu --gpus-per-node 8 --time 4320 --array-parallelism 16 --account ACC
+    python -m eval.study --preset embedded --executor slurm --out runs/cpu \\
+        --partition cpu --gpus-per-node 0 --eval-gpus 0 --cpus-per-task 4    # a CPU partition
+    python -m eval.study --status --out /scratch/study                   # where each cell stands
     python -m eval.study --preset paper --list                            # show the cells
     python -m eval.study --preset embedded --cells 'simclr-*' --epochs 10 --world num_classes=20 \\
         --train-args="--workers 4" --out runs/small                      # a smaller study
@@ -16,30 +19,46 @@ trained again, an evaluation whose result exists is not run again, and training 
 --resume, so an interrupted cell continues from its last checkpoint. A cell's name states what
 sets it apart (method, pairs, settings, seed), not study-wide flags (--world, --train-args): a
 study with other such flags needs its own --out. OUT/<cell>/cell.json records the commands and
-the git commit of the last run that had work to do. At the end the study folder is turned into
-the paper's tables and figures (eval/report.py) in OUT/report/.
+the git commit of the last run that had work to do (and the ids of the SLURM jobs it submitted).
+At the end the study folder is turned into the paper's tables and figures (eval/report.py) in
+OUT/report/.
 
 Executors: `local` runs each command as a subprocess, one after another (`--jobs N`: N cells at
 a time, each on its share of the cores; 2 on 2 cores keeps both busy); `debug` runs them in
 this process (for tests and debuggers); `slurm` submits the unfinished pretraining runs as one
-submitit job array (checkpointable: on preemption or timeout the job is requeued and resumes)
-and each cell's evaluations as a job that starts after its own pretraining task succeeded.
+submitit job array (checkpointable: on preemption, `scontrol requeue` or timeout the job is
+requeued and resumes; --signal-delay says how long before its time limit it is told), each
+cell's evaluations as a job that starts after its own pretraining task succeeded (and is
+cancelled if it fails), and a job that builds the report once all of them have ended; it prints
+the job ids and how to follow them. Cells whose jobs are still queued or running are not
+submitted again. With --gpus-per-node 0 (and --eval-gpus 0) the jobs are CPU jobs: one task of
+--cpus-per-task CPUs, no gres. If sbatch refuses a job, the jobs submitted before it are
+cancelled and the runner ends with one line quoting sbatch (exit code 2).
+
+--status summarises the study folder: each cell done, queued, running, failed (with the log of
+the failed job: OUT/slurm/<job id>_0_log.err) or unfinished (nothing queued or running and no
+failure recorded: not submitted yet, or stopped). It reads the folder's files (backbone.pth,
+results/, cell.json, submitit's results in OUT/slurm/) and, where SLURM is installed, squeue (and
+sacct where accounting is on) for the jobs still queued or running.
 """
 import argparse
 import contextlib
+import io
 import json
 import os
 import runpy
 import shlex
+import shutil
 import subprocess
 import sys
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from fnmatch import fnmatch
 from pathlib import Path
 
 from common.data import world_setting
-from common.flags import POSITIVE_INT, SEED, Parser
+from common.flags import COUNT, POSITIVE_INT, SEED, Parser
 from common.utils import git_commit
 
 REPO = Path(__file__).resolve().parents[1]
@@ -276,16 +295,21 @@ def run_in_process(cmd):
         os.chdir(cwd)
 
 
-def write_cell_record(c, root):
+def write_cell_record(c, root, slurm_jobs=None):
+    """OUT/<cell>/cell.json: the cell's commands, the git commit and, for a SLURM submission, the
+    job ids by stage ("train", "eval")."""
     c.folder(root).mkdir(parents=True, exist_ok=True)
     record = {"name": c.name, "train": list(c.train), "evals": c.evals, "git_commit": git_commit()}
+    if slurm_jobs:
+        record["slurm_jobs"] = slurm_jobs
     (c.folder(root) / "cell.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
 class SlurmTask:
     """A submitit job running one stage of a cell ("train": one task per GPU, each a rank of
-    torch.distributed; "eval": one task). Checkpointable: on preemption or timeout submitit
-    requeues it, and the commands resume from their last checkpoints."""
+    torch.distributed, or one task per node on a CPU partition; "eval": one task). Checkpointable:
+    on preemption or timeout submitit requeues it, and the commands resume from their last
+    checkpoints."""
 
     def __init__(self, cell, root, stage):
         self.cell, self.root, self.stage = cell, root, stage
@@ -295,9 +319,12 @@ class SlurmTask:
 
         if self.stage == "train":
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        env = dict(os.environ)
+        if "SLURM_CPUS_PER_TASK" in env:  # without a cpuset torch would start a thread per core of the node
+            env.setdefault("OMP_NUM_THREADS", env["SLURM_CPUS_PER_TASK"])
         cmds = self.cell.train_commands(self.root) if self.stage == "train" else self.cell.eval_commands(self.root)
         for cmd in cmds:
-            subprocess.run([sys.executable, *cmd], cwd=REPO, check=True)
+            subprocess.run([sys.executable, *cmd], cwd=REPO, env=env, check=True)
 
     def checkpoint(self):
         import submitit
@@ -305,44 +332,247 @@ class SlurmTask:
         return submitit.helpers.DelayedSubmission(SlurmTask(self.cell, self.root, self.stage))
 
 
+def build_report(root):
+    """OUT/report/ from the results under the study folder."""
+    from eval import report
+
+    report.main([str(root), "--out", str(Path(root) / "report")])
+
+
 def slurm_parameters(a, stage):
-    """submitit parameters: pretraining jobs get one task per GPU on --nodes nodes, evaluation
-    jobs one task with --eval-gpus GPUs."""
-    train = stage == "train"
-    return dict(slurm_partition=a.partition, slurm_account=a.account, nodes=a.nodes if train else 1,
-                gpus_per_node=a.gpus_per_node if train else a.eval_gpus,
-                tasks_per_node=a.gpus_per_node if train else 1, cpus_per_task=a.cpus_per_task,
-                timeout_min=a.time, slurm_array_parallelism=a.array_parallelism, slurm_signal_delay_s=120,
-                name=f"sempairs-{stage}")
+    """submitit parameters. Pretraining jobs get one task per GPU on --nodes nodes, or one task per
+    node with --gpus-per-node 0; evaluation jobs one task with --eval-gpus GPUs; the report job one
+    task on one CPU. Jobs without GPUs ask for no gres at all: sbatch refuses any on nodes without."""
+    gpus = {"train": a.gpus_per_node, "eval": a.eval_gpus, "report": 0}[stage]
+    params = dict(slurm_partition=a.partition, slurm_account=a.account, nodes=a.nodes if stage == "train" else 1,
+                  tasks_per_node=max(gpus, 1) if stage == "train" else 1,
+                  cpus_per_task=1 if stage == "report" else a.cpus_per_task, timeout_min=a.time,
+                  slurm_array_parallelism=a.array_parallelism, slurm_signal_delay_s=a.signal_delay,
+                  name=f"sempairs-{stage}")
+    if gpus:
+        params["gpus_per_node"] = gpus
+    return params
+
+
+class SlurmError(Exception):
+    """SLURM refused a submission or a query; the message quotes it."""
+
+
+def slurm_command(*cmd):
+    """The stdout of a SLURM command; SlurmError quoting its stderr when it fails."""
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        raise SlurmError(f"{cmd[0]} failed: {one_line(proc.stderr)}")
+    return proc.stdout
+
+
+def one_line(text):
+    return "; ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+@contextlib.contextmanager
+def sbatch_refusal(what):
+    """Turns sbatch's refusal to submit `what` into a SlurmError quoting it."""
+    from submitit.core.utils import FailedJobError
+
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # submitit prints sbatch's error too
+            yield
+    except FailedJobError as e:
+        raise SlurmError(f"sbatch refused the {what}: {one_line(str(e))}") from None
+
+
+# SLURM's states of a job that will still run; a job that ended in one of ENDED_BADLY without a
+# result from submitit was killed (scancel, a lost node).
+QUEUED = ("PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "RESIZING", "SUSPENDED")
+RUNNING = ("RUNNING", "COMPLETING", "SIGNALING", "STAGE_OUT")
+ENDED_BADLY = ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL", "DEADLINE")
+
+
+def slurm_states(job_ids):
+    """{job id: state} of the jobs SLURM still knows: squeue's for those in its queue, else sacct's
+    where accounting is on. {} where SLURM is not installed."""
+    job_ids = sorted(job_ids)
+    if not job_ids or not shutil.which("squeue"):
+        return {}
+    ids = ",".join(job_ids)
+    try:
+        out = slurm_command("squeue", "--noheader", "--array", "--format=%i %T", f"--jobs={ids}")
+    except SlurmError as e:
+        if "Invalid job id" not in str(e):  # squeue's answer when the one job asked for is forgotten
+            raise
+        out = ""
+    states = dict(line.split() for line in out.splitlines())
+    with contextlib.suppress(SlurmError, FileNotFoundError):  # accounting off, or no sacct
+        out = slurm_command("sacct", "--noheader", "--parsable2", "--allocations", f"--jobs={ids}",
+                            "--format=JobID,State")
+        for line in out.splitlines():
+            job_id, state = line.split("|")
+            states.setdefault(job_id, state.split()[0])  # "CANCELLED by 0" -> CANCELLED
+    return {job_id: state for job_id, state in states.items() if job_id in job_ids}
+
+
+STATES = ("done", "queued", "running", "failed", "unfinished")
+
+
+@dataclass
+class CellStatus:
+    """Where a cell stands, one of STATES ("unfinished": nothing queued or running, and no failure
+    recorded: not submitted yet, or stopped); `job` and `stage` name the job that says so, `log`
+    the log of a failed job."""
+
+    cell: Cell
+    state: str
+    job: str = None
+    stage: str = None
+    log: Path = None
+
+
+def cell_status(c, root, jobs, states):
+    """`jobs`: the cell's last SLURM jobs by stage; `states`: SLURM's states by job id."""
+    if not c.commands(root):
+        return CellStatus(c, "done")
+    for stage in ("train", "eval"):
+        job = jobs.get(stage)
+        if job is None:
+            continue
+        state = states.get(job)
+        if state in QUEUED or state in RUNNING:
+            return CellStatus(c, "queued" if state in QUEUED else "running", job, stage)
+        paths = submitit_paths(root, job)
+        outcome = submitit_outcome(paths.result_pickle) or ("error" if state in ENDED_BADLY else None)
+        if outcome == "error":
+            return CellStatus(c, "failed", job, stage, paths.stderr)
+    return CellStatus(c, "unfinished")
+
+
+def submitit_paths(root, job):
+    from submitit.core.utils import JobPaths
+
+    return JobPaths(Path(root) / "slurm", job_id=job, task_id=0)
+
+
+def submitit_outcome(result_pickle):
+    """"success" or "error" from submitit's result file; None before the job has ended."""
+    from submitit.core.utils import pickle_load
+
+    return pickle_load(result_pickle)[0] if result_pickle.exists() else None
+
+
+def read_cells(root):
+    """[(cell, its last SLURM jobs by stage)] from the study folder's OUT/<cell>/cell.json files."""
+    cells = []
+    for path in sorted(Path(root).glob("*/cell.json")):
+        record = json.loads(path.read_text())
+        cells.append((Cell(record["name"], tuple(record["train"]), record["evals"]), record.get("slurm_jobs", {})))
+    return cells
+
+
+def study_status(root, cells_and_jobs):
+    """[CellStatus] of (cell, its last SLURM jobs by stage) pairs."""
+    unfinished = [jobs for c, jobs in cells_and_jobs if c.commands(root)]
+    states = slurm_states({job for jobs in unfinished for job in jobs.values()})
+    return [cell_status(c, root, jobs, states) for c, jobs in cells_and_jobs]
+
+
+def print_status(root):
+    cells_and_jobs = read_cells(root)
+    try:
+        statuses = study_status(root, cells_and_jobs)
+    except SlurmError as e:  # SLURM is installed but does not answer: what the files say
+        print(f"note: {e}; queued and running jobs look unfinished")
+        statuses = [cell_status(c, root, jobs, {}) for c, jobs in cells_and_jobs]
+    counts = Counter(s.state for s in statuses)
+    print(f"{root}: {len(statuses)} cells: " + ", ".join(f"{counts[state]} {state}" for state in STATES))
+    for s in statuses:
+        job = f"  {'training' if s.stage == 'train' else 'evaluation'} job {s.job}" if s.job else ""
+        log = f", log {s.log}" if s.log else ""
+        print(f"{s.cell.name:48s} {s.state:10s}{job}{log}".rstrip())
+
+
+@dataclass
+class Submission:
+    """Job ids by cell name, the report job's, and the cells left alone because their jobs are
+    still queued or running."""
+
+    train: dict = field(default_factory=dict)
+    eval: dict = field(default_factory=dict)
+    report: str = None
+    busy: list = field(default_factory=list)
+
+    def job_ids(self):
+        return [*self.train.values(), *self.eval.values(), *([self.report] if self.report else [])]
 
 
 def run_slurm(cells, root, a, executor_factory=None):
-    """Submits the pending work; returns (training jobs, evaluation jobs) by cell name."""
+    """Submits the pending work of the cells that have no job queued or running: the pretraining
+    runs as one array, each cell's evaluations as a job that starts once its own task succeeded
+    (and is cancelled if it fails), and a job that builds the report once all have ended. If sbatch
+    refuses a job, the jobs submitted before it are cancelled and SlurmError says why. Returns a
+    Submission."""
     import submitit
 
     root = Path(root).resolve()
-    factory = executor_factory or (lambda: submitit.AutoExecutor(folder=root / "slurm"))
-    for c in cells:
-        if c.commands(root):
-            write_cell_record(c, root)
-    to_train = [c for c in cells if not c.trained(root)]
-    train_jobs = {}
-    if to_train:
-        executor = factory()
-        executor.update_parameters(**slurm_parameters(a, "train"))
-        jobs = executor.submit_array([SlurmTask(c, root, "train") for c in to_train])
-        train_jobs = {c.name: job for c, job in zip(to_train, jobs)}
-    eval_jobs = {}
-    for c in cells:
-        if not c.pending_evals(root):
-            continue
-        executor = factory()
-        params = slurm_parameters(a, "eval")
-        if c.name in train_jobs:
-            params["slurm_additional_parameters"] = {"dependency": f"afterok:{train_jobs[c.name].job_id}"}
-        executor.update_parameters(**params)
-        eval_jobs[c.name] = executor.submit(SlurmTask(c, root, "eval"))
-    return train_jobs, eval_jobs
+    factory = executor_factory or (lambda: submitit.AutoExecutor(folder=root / "slurm", cluster="slurm"))
+    recorded = dict((c.name, jobs) for c, jobs in read_cells(root))
+    statuses = study_status(root, [(c, recorded.get(c.name, {})) for c in cells])
+    todo = [s.cell for s in statuses if s.state in ("failed", "unfinished")]
+    result = Submission(busy=[s.cell.name for s in statuses if s.state in ("queued", "running")])
+
+    def executor(stage, dependency=None):
+        ex = factory()
+        ex.update_parameters(**slurm_parameters(a, stage))
+        if dependency:
+            ex.update_parameters(slurm_additional_parameters={"dependency": dependency, "kill_on_invalid_dep": "yes"})
+        return ex
+
+    try:
+        to_train = [c for c in todo if not c.trained(root)]
+        if to_train:
+            with sbatch_refusal("pretraining array"):
+                jobs = executor("train").submit_array([SlurmTask(c, root, "train") for c in to_train])
+            result.train = {c.name: job.job_id for c, job in zip(to_train, jobs)}
+        for c in todo:
+            if c.pending_evals(root):
+                after = f"afterok:{result.train[c.name]}" if c.name in result.train else None
+                with sbatch_refusal(f"evaluation job of {c.name}"):
+                    result.eval[c.name] = executor("eval", after).submit(SlurmTask(c, root, "eval")).job_id
+        if todo:
+            # afterany: the report also shows what finished when some cells failed.
+            with sbatch_refusal("report job"):
+                job = executor("report", "afterany:" + ":".join(result.job_ids())).submit(build_report, root)
+            result.report = job.job_id
+    except SlurmError as e:
+        if result.job_ids():
+            slurm_command("scancel", *result.job_ids())
+            raise SlurmError(f"{e} (cancelled the {len(result.job_ids())} jobs submitted before it)") from None
+        raise
+    for c in todo:
+        write_cell_record(c, root, {stage: ids[c.name] for stage, ids in (("train", result.train),
+                                                                          ("eval", result.eval)) if c.name in ids})
+    return result
+
+
+def print_submission(s, root):
+    if len(s.train) == 1:  # submitit submits an array of one as a plain job
+        print(f"submitted pretraining job {next(iter(s.train.values()))}")
+    elif s.train:
+        print(f"submitted pretraining array {next(iter(s.train.values())).split('_')[0]} ({len(s.train)} tasks)")
+    for name, job in s.eval.items():
+        after = f" after training {s.train[name]} succeeds" if name in s.train else ""
+        print(f"submitted evaluation job {job} for {name}{after}")
+    if s.report:
+        print(f"submitted report job {s.report} (builds {root / 'report'} once the others have ended)")
+    if s.busy:
+        print(f"not submitted again, their jobs are queued or running: {', '.join(s.busy)}")
+    if not (s.report or s.busy):
+        print("nothing to submit: every cell is done")
+        return
+    if s.report:
+        jobs = dict.fromkeys(job.split("_")[0] for job in s.job_ids())  # an array's tasks by the array's id
+        print(f"follow them: squeue --jobs={','.join(jobs)}")
+    print(f"status: python -m eval.study --status --out {root}")
+    print(f"logs: {root / 'slurm'}/<job id>_0_log.out and _log.err")
 
 
 # ---------------------------------------------------------------- command line
@@ -351,7 +581,7 @@ def parse_args(argv=None):
     """(flags, the preset's cells to run, study folder)."""
     p = Parser(prog="python -m eval.study", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", required=True, help="embedded, embedded-quick, embedded-nuisance, figure4, "
+    p.add_argument("--preset", help="embedded, embedded-quick, embedded-nuisance, figure4, "
                    "table1..table5, figure5, or paper (all of the paper's)")
     p.add_argument("--out", help="study folder (required, except with --list)")
     p.add_argument("--executor", choices=("local", "debug", "slurm"), default="local")
@@ -364,6 +594,9 @@ def parse_args(argv=None):
                    help='flags added to every pretraining command, e.g. --train-args="--workers 4 --batch-size 64"')
     p.add_argument("--list", action="store_true",
                    help="print the cells (with --out, what is left of each), then stop")
+    p.add_argument("--status", action="store_true",
+                   help="summarise the study folder --out (no --preset needed): cells done, queued, running, "
+                        "failed (with the path of the failed job's log) and unfinished")
     embedded = p.add_argument_group("embedded presets")
     embedded.add_argument("--epochs", type=POSITIVE_INT, help="pretraining epochs (default: the scripts' default on the world)")
     embedded.add_argument("--world", nargs="+", type=world_setting, metavar="KEY=VALUE", help="world settings, e.g. num_classes=20")
@@ -379,13 +612,24 @@ def parse_args(argv=None):
     slurm = p.add_argument_group("slurm")
     slurm.add_argument("--partition")
     slurm.add_argument("--account")
-    slurm.add_argument("--gpus-per-node", type=POSITIVE_INT, default=8, help="GPUs (= tasks) per node of a pretraining job")
+    slurm.add_argument("--gpus-per-node", type=COUNT, default=8,
+                       help="GPUs (= tasks) per node of a pretraining job; 0: a CPU job (one task, --cpus-per-task CPUs)")
     slurm.add_argument("--nodes", type=POSITIVE_INT, default=1, help="nodes per pretraining job")
-    slurm.add_argument("--eval-gpus", type=POSITIVE_INT, default=1, help="GPUs per evaluation job")
+    slurm.add_argument("--eval-gpus", type=COUNT, default=1, help="GPUs per evaluation job; 0: a CPU job")
     slurm.add_argument("--cpus-per-task", type=POSITIVE_INT, default=10)
     slurm.add_argument("--time", type=POSITIVE_INT, default=72 * 60, help="minutes per job (jobs requeue and resume)")
+    slurm.add_argument("--signal-delay", type=POSITIVE_INT, default=120, metavar="SECONDS",
+                       help="a job is told this long before its time limit to requeue itself (default 120)")
     slurm.add_argument("--array-parallelism", type=POSITIVE_INT, default=16)
     a = p.parse_args(argv)
+    if a.status:
+        if a.out is None:
+            p.error("--status needs --out, the study folder")
+        return a, None, Path(a.out).resolve()
+    if not a.preset:
+        p.error("give --preset (or --status to summarise a study folder)")
+    if a.signal_delay >= a.time * 60:
+        p.error(f"--signal-delay {a.signal_delay} s must be shorter than --time {a.time} min")
     a.seeds = a.seeds or ([0] if a.preset in EMBEDDED else [0, 1, 2])
     # Commands run in the repository root: paths given relative to here are made absolute.
     for name in ("imagenet", "manifest", "downstream", "voc_root"):
@@ -411,6 +655,11 @@ def parse_args(argv=None):
 
 def main(argv=None):
     a, cells, root = parse_args(argv)
+    if a.status:
+        if not root.is_dir():
+            fail(f"no study folder {root}")
+        print_status(root)
+        return
     if a.list:
         for c in cells:
             if root is None:  # no study folder: the cells alone
@@ -421,16 +670,30 @@ def main(argv=None):
         return
     root.mkdir(parents=True, exist_ok=True)
     if a.executor == "slurm":
-        train_jobs, eval_jobs = run_slurm(cells, root, a)
-        print(f"submitted {len(train_jobs)} pretraining tasks and {len(eval_jobs)} evaluation jobs; "
-              f"logs in {root / 'slurm'}; rerun this command to resubmit what is unfinished")
-        return
-    run_local(cells, root, in_process=a.executor == "debug", jobs=a.jobs)
-    from eval import report
-
-    report.main([str(root), "--out", str(root / "report")])
+        if not shutil.which("sbatch"):
+            fail("--executor slurm needs SLURM's sbatch, which is not on PATH")
+        try:
+            submission = run_slurm(cells, root, a)
+        except SlurmError as e:
+            fail(e)
+        print_submission(submission, root)
+        if submission.report or submission.busy:
+            return
+    else:
+        run_local(cells, root, in_process=a.executor == "debug", jobs=a.jobs)
+    build_report(root)
     print((root / "report" / "report.md").read_text())
 
 
+def fail(message):
+    """Bad input or a refusal: one line and exit code 2."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 if __name__ == "__main__":
-    main()
+    # Run as the module eval.study, not as __main__: the pickles of SLURM jobs then name eval.study's
+    # classes, which the jobs import, instead of carrying a copy of this file's code.
+    from eval.study import main as study_main
+
+    study_main()

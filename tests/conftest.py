@@ -13,6 +13,12 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slurm: runs against a local SLURM cluster that tests/slurm/start_slurm.sh "
+                                       "starts (as root; skipped where it cannot run)")
+
+
 # Everything the tests generate goes to a temporary cache, never the user's.
 TINY_WORLD = ["num_classes=4", "pairs_per_class=8", "img_size=32", "transfer_train_per_class=3",
               "transfer_test_per_class=3", "unseen_classes=2"]

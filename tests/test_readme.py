@@ -3,7 +3,9 @@ scratch folder holding a pairs.csv (157 pairs of each of two classes, the paper'
 machine by these rules, in order:
 
 1. Optional parts in [brackets] are left out.
-2. `pip install ...`: not run (installing is what `make install`, which the suite runs on, does).
+2. `pip install ...`, and a cluster's setup (`sudo tests/slurm/start_slurm.sh`, `export SLURM_CONF=...`):
+   not run (installing is what `make install`, which the suite runs on, does; the SLURM tier,
+   tests/test_slurm.py, starts the cluster).
 3. `make TARGET`: `make -n TARGET` in the repository, a dry run: the target exists and its recipe expands.
 4. A command that needs what this machine does not have: a placeholder in capitals (IMAGENET,
    DATA, RUN, VOC, ...), a cluster (`--executor slurm`, `torchrun`), or an input file or folder
@@ -31,13 +33,14 @@ PLACEHOLDER = re.compile(r"(?<![\w-])[A-Z][A-Z0-9_]+(?![\w-])")
 
 
 def readme_commands():
-    """The commands of README's fenced code blocks: continuation lines joined, comments dropped."""
-    commands, block, joined = [], False, ""
+    """The commands of README's fenced code blocks (not those fenced as ```text, which show output):
+    continuation lines joined, comments dropped."""
+    commands, block, output, joined = [], False, False, ""
     for line in (ROOT / "README.md").read_text().splitlines():
         if line.startswith("```"):
-            block = not block
+            block, output = not block, line.strip() == "```text"
             continue
-        if not block:
+        if not block or output:
             continue
         joined += line.rstrip().removesuffix("\\")
         if line.rstrip().endswith("\\"):
@@ -74,7 +77,7 @@ def runnable(command, workdir):
     """The argv run for a README command (rules in the module docstring), or None."""
     command = re.sub(r"\s\[[^]]*\]", "", command)
     words = shlex.split(command)
-    if words[0] == "pip":
+    if words[0] in ("pip", "sudo", "export"):
         return None
     if words[0] == "make":
         return ["make", "-C", str(ROOT), "-n", *words[1:]]
@@ -103,7 +106,7 @@ def test_readme_command_runs(command, tmp_path, world_cache):
     (tmp_path / "pairs.csv").write_text("\n".join(["class,image_a,image_b", *rows]) + "\n")
     argv = runnable(command, tmp_path)
     if argv is None:
-        pytest.skip("installation command: `make install` runs it")
+        pytest.skip("installation or cluster setup: `make install` or the SLURM tier runs it")
     argv = [sys.executable if word == "python" else word for word in argv]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}  # python -m from the scratch folder
     result = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)

@@ -212,8 +212,8 @@ class FakeExecutor:
         self.tasks = list(tasks)
         return [SimpleNamespace(job_id=f"{self.job_id}_{i}") for i in range(len(tasks))]
 
-    def submit(self, task):
-        self.tasks = [task]
+    def submit(self, function, *args):
+        self.tasks, self.args = [function], args
         return SimpleNamespace(job_id=self.job_id)
 
 
@@ -234,11 +234,11 @@ def test_slurm_submits_checkpointable_arrays_and_dependent_evaluations(tmp_path)
         (root / "vicreg-augmented-s0" / "results" / result).touch()
 
     executors = []
-    train_jobs, eval_jobs = study.run_slurm(cells, root, a, lambda: FakeExecutor(tmp_path / "logs", executors))
+    submission = study.run_slurm(cells, root, a, lambda: FakeExecutor(tmp_path / "logs", executors))
 
-    array, evaluations = executors[0], executors[1:]
+    array, evaluations, report_job = executors[0], executors[1:-1], executors[-1]
     to_train = [c.name for c in cells if c.name not in ("simclr-semantic-s0", "vicreg-augmented-s0")]
-    assert [t.cell.name for t in array.tasks] == to_train and list(train_jobs) == to_train
+    assert [t.cell.name for t in array.tasks] == to_train and list(submission.train) == to_train
     assert all(t.stage == "train" for t in array.tasks)
     assert array.params.items() >= dict(slurm_partition="gpu", slurm_account="lab", nodes=2, gpus_per_node=4,
                                         tasks_per_node=4, cpus_per_task=6, timeout_min=600,
@@ -247,17 +247,26 @@ def test_slurm_submits_checkpointable_arrays_and_dependent_evaluations(tmp_path)
     assert train[train.index("--data") + 1] == os.path.abspath("imagenet/train")  # commands run in the repository
     assert train[-3:] == ["--out", str(root / to_train[0]), "--resume"]
 
-    assert list(eval_jobs) == [c.name for c in cells if c.name != "vicreg-augmented-s0"]
+    assert list(submission.eval) == [c.name for c in cells if c.name != "vicreg-augmented-s0"]
     for executor in evaluations:
         (task,) = executor.tasks
         assert task.stage == "eval"
         assert executor.params.items() >= dict(slurm_partition="gpu", slurm_account="lab", nodes=1, gpus_per_node=1,
                                                tasks_per_node=1, timeout_min=600).items()
-        dependency = executor.params.get("slurm_additional_parameters", {}).get("dependency")
+        after = executor.params.get("slurm_additional_parameters")
         if task.cell.name == "simclr-semantic-s0":
-            assert dependency is None
-        else:  # after its own task of the array
-            assert dependency == f"afterok:{array.job_id}_{to_train.index(task.cell.name)}"
+            assert after is None
+        else:  # after its own task of the array, and cancelled if that fails
+            assert after == {"dependency": f"afterok:{array.job_id}_{to_train.index(task.cell.name)}",
+                             "kill_on_invalid_dep": "yes"}
+    # The report once every job has ended, however it ended.
+    assert (report_job.tasks, report_job.args) == ([study.build_report], (root,))
+    assert report_job.params["slurm_additional_parameters"]["dependency"] == \
+        "afterany:" + ":".join([*submission.train.values(), *submission.eval.values()])
+    assert "gpus_per_node" not in report_job.params and report_job.params["cpus_per_task"] == 1
+    for name, train in submission.train.items():  # what --status reads
+        assert json.loads((root / name / "cell.json").read_text())["slurm_jobs"] == \
+            {"train": train, "eval": submission.eval[name]}
 
     # Checkpointable: on preemption or timeout submitit requeues the same stage of the same cell.
     for task in (array.tasks[0], evaluations[0].tasks[0]):
@@ -272,8 +281,60 @@ def test_slurm_submits_checkpointable_arrays_and_dependent_evaluations(tmp_path)
         for result in c.evals:
             (root / c.name / "results" / result).touch()
     executors.clear()
-    assert study.run_slurm(cells, root, a, lambda: FakeExecutor(tmp_path / "logs", executors)) == ({}, {})
+    assert study.run_slurm(cells, root, a, lambda: FakeExecutor(tmp_path / "logs", executors)) == study.Submission()
     assert executors == []
+
+
+def sbatch_script(a, stage, folder):
+    """The sbatch script submitit writes for a stage's jobs (its #SBATCH lines are the request)."""
+    executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
+    executor.update_parameters(**study.slurm_parameters(a, stage))
+    return [line for line in executor._executor._make_submission_file_text("true", "0").splitlines()
+            if line.startswith("#SBATCH")]
+
+
+def test_cpu_partitions_get_one_task_per_node_and_no_gres(tmp_path):
+    args = ["--preset", "figure4", "--out", str(tmp_path), "--imagenet", "in", "--manifest", "m.csv",
+            "--partition", "cpu", "--cpus-per-task", "4"]
+    a, _, _ = study.parse_args([*args, "--gpus-per-node", "0", "--eval-gpus", "0", "--nodes", "2"])
+    for stage, nodes in (("train", 2), ("eval", 1), ("report", 1)):
+        lines = sbatch_script(a, stage, tmp_path)
+        assert not [line for line in lines if "gpu" in line or "gres" in line], lines
+        assert {"#SBATCH --ntasks-per-node=1", f"#SBATCH --nodes={nodes}", "#SBATCH --partition=cpu",
+                f"#SBATCH --cpus-per-task={1 if stage == 'report' else 4}"} <= set(lines)
+    # GPU jobs keep one task per GPU.
+    a, _, _ = study.parse_args([*args, "--gpus-per-node", "8", "--eval-gpus", "2", "--signal-delay", "300"])
+    assert {"#SBATCH --gpus-per-node=8", "#SBATCH --ntasks-per-node=8", "#SBATCH --signal=USR2@300"} <= \
+        set(sbatch_script(a, "train", tmp_path))
+    assert {"#SBATCH --gpus-per-node=2", "#SBATCH --ntasks-per-node=1"} <= set(sbatch_script(a, "eval", tmp_path))
+
+
+def test_a_signal_delay_longer_than_the_time_limit_is_refused(capsys):
+    with pytest.raises(SystemExit) as refused:
+        study.parse_args(["--preset", "embedded", "--out", "x", "--time", "1", "--signal-delay", "60"])
+    assert refused.value.code == 2
+    assert "--signal-delay 60 s must be shorter than --time 1 min" in capsys.readouterr().err
+
+
+def test_status_without_slurm_reads_the_study_folder(tiny_study, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(study.shutil, "which", lambda command: None)  # no SLURM installed
+    root = tmp_path / "study"
+    shutil.copytree(tiny_study.root, root)
+    # The semantic cell's training job failed (submitit's record of it), the augmented cell lost a result.
+    folder = root / CELLS["semantic"]
+    (folder / "backbone.pth").unlink()
+    record = json.loads((folder / "cell.json").read_text())
+    (folder / "cell.json").write_text(json.dumps({**record, "slurm_jobs": {"train": "7_0", "eval": "8"}}))
+    (root / "slurm").mkdir()
+    submitit.core.utils.cloudpickle_dump(("error", "Traceback ..."), root / "slurm" / "7_0_0_result.pkl")
+    (root / CELLS["augmented"] / "results" / "linear-embedded-seen-center.json").unlink()
+
+    study.main(["--status", "--out", str(root)])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"{root}: 2 cells: 0 done, 0 queued, 0 running, 1 failed, 1 unfinished"
+    assert lines[1].split() == [CELLS["augmented"], "unfinished"]
+    assert lines[2].split() == [CELLS["semantic"], "failed", "training", "job", "7_0,", "log",
+                                str(root / "slurm" / "7_0_0_log.err")]
 
 
 def test_presets_sharing_a_cell_run_all_their_evaluations(tmp_path):
