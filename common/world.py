@@ -120,6 +120,16 @@ class WorldConfig:
     unseen_classes: int = 40
     seed: int = 0
 
+    def __post_init__(self):
+        """Refuses a setting out of its range with one line naming it, its value and the range."""
+        lowest = {"num_classes": 1, "pairs_per_class": 1, "img_size": 8, "transfer_train_per_class": 1,
+                  "transfer_test_per_class": 1, "unseen_classes": 1, "seed": 0}
+        for name, value in dataclasses.asdict(self).items():
+            if name in lowest and value < lowest[name]:
+                raise ValueError(f"world setting {name} must be at least {lowest[name]}, got {value}")
+            if name not in lowest and not 0 <= value <= 1:  # strengths and probabilities
+                raise ValueError(f"world setting {name} must be in [0, 1], got {value}")
+
     def key(self):
         """Short hash of the config and WORLD_VERSION: worlds with equal keys are identical."""
         text = json.dumps({"version": WORLD_VERSION, **dataclasses.asdict(self)}, sort_keys=True)

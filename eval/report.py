@@ -20,7 +20,9 @@ writes one JSON object, by default to RUN/results/<eval>-<dataset>[-<split>][-<c
   from RUN/config.json next to the checkpoint (null when absent): method, pairs ("semantic" |
   "augmented" | "supervised" | "random"), seed (the pretraining seed), epochs, images_per_class
   (null: all pairs), transforms ("full" | "no_gray" | "no_color" | "only_crop"), arch, batch_size,
-  world (the --world KEY=VALUE list, null: default world), data (null: the embedded world)
+  world (the --world KEY=VALUE list, null: default world), data (null: the embedded world),
+  world_version, world_config (every world setting) and world_seed (null on real data), and
+  embedding_std (the run's final embedding spread, its collapse measure; null if it logged none)
 
 The report reads every file with that schema under the given folders (others are skipped) and
 writes report.md, results.csv and one PNG per table. Per eval kind:
@@ -56,7 +58,7 @@ from common import flags
 
 SCHEMA = "sempairs-eval/1"
 RUN_FIELDS = ("method", "pairs", "seed", "epochs", "images_per_class", "transforms", "arch", "batch_size",
-              "world", "data", "world_version", "world_seed", "embedding_std")
+              "world", "data", "world_version", "world_config", "world_seed", "embedding_std")
 # A run whose embeddings end less spread than this has collapsed (common/monitor.py's embedding_std:
 # 1 spread evenly, 0 one direction). Healthy runs on the world end above 0.3; the collapsed
 # semantic-pair runs of BYOL and DINO on the first world ended at 0.06-0.17.

@@ -53,7 +53,7 @@ def test_simclr_v1_head_ends_in_batchnorm_without_shift_and_sums_both_directions
     z = model(torch.randn(8, 32))
     torch.testing.assert_close(z.mean(0), torch.zeros(16), atol=1e-5, rtol=0)  # BN output, no shift
     x1, x2 = torch.randn(4, 32), torch.randn(4, 32)
-    mean = simclr.simclr_loss(model, x1, x2, 0.1)
+    mean = simclr.simclr_loss(model, x1, x2, 0.1)[0]
     # v1: loss_a + loss_b, each direction's cross-entropy averaged over its N anchors
     z1, z2 = nn.functional.normalize(model(torch.cat([x1, x2])), dim=1).chunk(2)
     mask = torch.eye(4, dtype=torch.bool)
@@ -63,7 +63,7 @@ def test_simclr_v1_head_ends_in_batchnorm_without_shift_and_sums_both_directions
         logits = torch.cat([a @ b.T, (a @ a.T).masked_fill(mask, float("-inf"))], 1) / 0.1
         return nn.functional.cross_entropy(logits, labels)
 
-    torch.testing.assert_close(simclr.simclr_loss(model, x1, x2, 0.1, 2.0), direction(z1, z2) + direction(z2, z1))
+    torch.testing.assert_close(simclr.simclr_loss(model, x1, x2, 0.1, 2.0)[0], direction(z1, z2) + direction(z2, z1))
     torch.testing.assert_close(2 * mean, direction(z1, z2) + direction(z2, z1))
 
 

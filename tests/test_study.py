@@ -94,6 +94,8 @@ def test_debug_executor_runs_the_matrix_and_reports_it(tiny_study):
         for result in results.values():
             assert result["schema"] == report.SCHEMA and result["checkpoint"] == str(folder / "backbone.pth")
             assert (result["pairs"], result["epochs"]) == (pairs, 2)
+            assert (result["world_version"], result["world_seed"]) == (world.WORLD_VERSION, 1)
+            assert result["world_config"] == config["world_config"] and result["embedding_std"] > 0
         accuracy[pairs] = {split: results[f"linear-embedded-{split}-center.json"]["accuracy"]
                            for split in ("seen", "unseen")}
 

@@ -2,6 +2,7 @@
 import csv
 import dataclasses
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -10,7 +11,9 @@ import pytest
 from PIL import Image
 
 from common import world
+from common.data import world_config
 from common.world import BACKGROUND_FAMILIES, FACTORS, WorldConfig, ensure_world
+from tests.conftest import run_script
 
 TINY = WorldConfig(num_classes=3, pairs_per_class=3, img_size=20, transfer_train_per_class=2,
                    transfer_test_per_class=2, unseen_classes=2)
@@ -259,3 +262,16 @@ def test_the_default_world_has_probe_splits_that_resolve_a_few_points():
     cfg = WorldConfig()
     assert cfg.transfer_train_per_class >= 50 and cfg.transfer_test_per_class >= 50 and cfg.unseen_classes >= 40
     assert cfg.seed == 0  # the calibration world; studies report on others (eval/study.py)
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("num_classes=0", "world setting num_classes must be at least 1, got 0"),
+    ("img_size=4", "world setting img_size must be at least 8, got 4"),
+    ("seed=-1", "world setting seed must be at least 0, got -1"),
+    ("background_strength=1.5", "world setting background_strength must be in [0, 1], got 1.5"),
+    ("colour_consistency=-0.1", "world setting colour_consistency must be in [0, 1], got -0.1")])
+def test_a_world_setting_out_of_range_is_one_line_and_exit_2(setting, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        world_config([setting])
+    proc = run_script("simclr.py", "--pairs", "semantic", "--world", setting, check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and message in proc.stderr
