@@ -160,8 +160,8 @@ def parse_args(argv=None, real_data=None):
     """The flags, with DINO's recipe for the backbone filled in where unset, then the real-data or
     the world's defaults (utils.resolve_defaults)."""
     args = utils.base_parser("dino", DEFAULTS).parse_args(argv)
-    vit = args.arch == "vit_small_patch8"
-    if vit:
+    vit = args.arch is not None and args.arch.startswith("vit")
+    if vit and (bool(args.data) if real_data is None else real_data):
         for flag, value in VIT_RECIPE.items():
             if getattr(args, flag) is None:
                 setattr(args, flag, value)
@@ -169,6 +169,8 @@ def parse_args(argv=None, real_data=None):
             # DINO trained ViT-S/8 without mixed precision (--use_fp16 false; its help advises
             # against it for small patches): float32 unless --precision bf16 asks.
             args.precision = "fp32"
+    # On the world a ViT keeps the world's optimisation defaults, as the convnet does: the ImageNet
+    # recipe's learning rate is sized for 300 epochs of ImageNet, not the world's ~225 steps.
     args = utils.resolve_defaults(args, real_data)
     # DINO's ViT-S settings (README's better-performance command): drop path and a learnt scale
     # of the last layer. ResNets: no drop path, last layer normalised.

@@ -11,8 +11,8 @@ alone (decoding, the method's views, transfer to the device) and through both (t
 Each step is the method script's own: its build() (networks, optimizer) and train_step(), the
 function its training loop calls, with the training utilities the scripts use (Run.prepare:
 channels_last on CUDA and under bf16, --compile; Run.autocast: bf16 where --precision resolves to
-it; Run.loader and Run.steps: pinned memory, persistent workers, non-blocking copies). Heads are the publications' sizes, except on the convnet (the embedded world's
-net), which gets the world's. Without --data the loader reads the embedded world (generated once).
+it; Run.loader and Run.steps: pinned memory, persistent workers, non-blocking copies). Heads are the publications' sizes, except on the nets made for the
+embedded world (the convnet, and DINO's small ViT), which get the world's. Without --data the loader reads the embedded world (generated once).
 Loader workers default to the scripts' (8 on real data). Augmented pairs are read from every
 image of the manifest's pairs (--ap-images all): the views' cost is the same, and epochs are longer.
 
@@ -37,6 +37,9 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the method scripts are top-level modules
 
 from common import data, imagenet, pairs, transforms, utils  # noqa: E402
+from common.backbones import ARCHS  # noqa: E402
+
+WORLD_ARCHS = ("convnet", "vit_tiny6_patch8")  # trained with the world's defaults
 
 METHODS = ("simclr", "vicreg", "byol", "dino")
 
@@ -50,7 +53,7 @@ def method_args(method, opts, out, precision):
     argv += ["--data", opts.data] if opts.data else ["--world", *opts.world]
     argv += ["--manifest", opts.manifest] if opts.manifest else []
     argv += ["--compile"] if opts.compile else []
-    return script, script.parse_args(argv, real_data=opts.arch != "convnet")
+    return script, script.parse_args(argv, real_data=opts.arch not in WORLD_ARCHS)
 
 
 def build_step(script, args, run):
@@ -157,7 +160,7 @@ def bench(opts):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    parser.add_argument("--arch", default="resnet50", choices=("resnet50", "resnet18", "convnet"))
+    parser.add_argument("--arch", default="resnet50", choices=ARCHS)
     parser.add_argument("--batch-size", type=int, default=256, help="pairs per step")
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--steps", type=int, default=20, help="timed steps")
@@ -175,7 +178,7 @@ def main():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     opts = parser.parse_args()
     if opts.workers is None:
-        opts.workers = utils.SHARED_DEFAULTS["workers"][0 if opts.arch != "convnet" else 1]
+        opts.workers = utils.SHARED_DEFAULTS["workers"][1 if opts.arch in WORLD_ARCHS else 0]
     with tempfile.TemporaryDirectory() as fake:
         if opts.fake_imagenet:  # one item per image (--ap-images all), enough for both loader timings
             images = 2 * sum(loader_steps(opts, opts.workers)) * opts.batch_size

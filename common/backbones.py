@@ -1,4 +1,5 @@
-"""Backbones: torchvision ResNets, timm's ViT-S/8, and a small convnet sized for 2 CPU cores.
+"""Backbones: torchvision ResNets, timm's ViT-S/8, and a small convnet and a small ViT sized for
+the embedded world on 2 CPU cores.
 
 `build_backbone` returns a model that maps images to pooled features (no classifier). Its
 state dict is what a run saves as `backbone.pth`; `load_backbone` rebuilds the model from such a
@@ -10,7 +11,7 @@ import torch
 import torchvision
 from torch import nn
 
-ARCHS = ("resnet50", "resnet18", "convnet", "vit_small_patch8")
+ARCHS = ("resnet50", "resnet18", "convnet", "vit_small_patch8", "vit_tiny6_patch8")
 
 
 class ConvNet(nn.Module):
@@ -50,6 +51,15 @@ def build_backbone(arch, img_size=224, width=16, drop_path_rate=0.0, weights=Non
         model = timm.create_model("vit_small_patch8_224", num_classes=0, img_size=img_size,
                                   drop_path_rate=drop_path_rate, dynamic_img_size=True)
         dim = model.num_features
+    elif arch == "vit_tiny6_patch8":
+        # The world's ViT for DINO (Table 3): ViT-Ti's width (192, 3 heads) at half its depth, with
+        # ViT-S/8's patch size, so 16 patches of a 32-px image. About 4.5x the convnet's time per
+        # image on the CPU; twelve blocks, or 4-px patches, cost 2-3x more again (BENCHMARKS.md).
+        from timm.models.vision_transformer import VisionTransformer
+
+        model = VisionTransformer(img_size=img_size, patch_size=8, embed_dim=192, depth=6, num_heads=3,
+                                  num_classes=0, drop_path_rate=drop_path_rate, dynamic_img_size=True)
+        dim = model.num_features
     else:
         raise ValueError(f"unknown architecture {arch!r}; choose from {ARCHS}")
     if isinstance(weights, (str, Path)):
@@ -64,7 +74,7 @@ def infer_arch(state_dict):
     if "features.0.weight" in state_dict:
         return "convnet", state_dict["features.0.weight"].shape[0]
     if "cls_token" in state_dict:
-        return "vit_small_patch8", None
+        return ("vit_small_patch8" if state_dict["cls_token"].shape[-1] == 384 else "vit_tiny6_patch8"), None
     if "layer1.0.conv3.weight" in state_dict:
         return "resnet50", None
     if "layer1.0.conv1.weight" in state_dict:

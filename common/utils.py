@@ -17,6 +17,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from common import data, distributed, flags, transforms
+from common.backbones import ARCHS
 from common.features import extract_features, knn_accuracy
 from common.optim import OPTIMIZERS
 from common.pairs import ManifestError
@@ -86,8 +87,8 @@ def base_parser(method, defaults, prog=None):
     p.add_argument("--epochs", type=flags.POSITIVE_INT, help=default("epochs"))
     p.add_argument("--batch-size", type=flags.POSITIVE_INT,
                    help="global batch size (pairs), split over processes, at least 2 per process; " + default("batch_size"))
-    p.add_argument("--arch", choices=("resnet50", "resnet18", "convnet", "vit_small_patch8"), help=default("arch"))
-    p.add_argument("--img-size", type=flags.bounded(int, 8), help="at least 8 (a multiple of 8 for ViT-S/8); " + default("img_size"))
+    p.add_argument("--arch", choices=ARCHS, help=default("arch"))
+    p.add_argument("--img-size", type=flags.bounded(int, 8), help="at least 8 (a multiple of 8 for the ViTs); " + default("img_size"))
     p.add_argument("--transforms", choices=transforms.ABLATIONS, default="full",
                    help="the paper's augmentation ablations")
     p.add_argument("--min-crop-scale", type=flags.FRACTION,
@@ -173,8 +174,8 @@ def check_flags(args, given):
     if args.batch_size < 2 * processes or args.batch_size % processes:
         flags.fail(f"--batch-size must be a multiple of the {processes} process(es) with at least 2 pairs each "
                    f"(BatchNorm and the losses need two), got {args.batch_size}")
-    if args.arch == "vit_small_patch8" and args.img_size % 8:
-        flags.fail(f"--img-size must be a multiple of 8 for vit_small_patch8 (its patch size), got {args.img_size}")
+    if args.arch.startswith("vit") and args.img_size % 8:
+        flags.fail(f"--img-size must be a multiple of 8 for {args.arch} (its patch size), got {args.img_size}")
     for flag in ("warmup_epochs", "teacher_temp_warmup_epochs", "freeze_last_layer"):
         if flag in given and getattr(args, flag) > args.epochs:
             flags.fail(f"--{flag.replace('_', '-')} must be at most --epochs ({args.epochs}), got {getattr(args, flag)}")

@@ -374,7 +374,8 @@ def parse_args(argv=None):
     p.add_argument("--voc-root", required=True,
                    help=f"folder holding {layout('DIR')}, or 'embedded' for the embedded world's VOC split")
     p.add_argument("--world", nargs="*", type=data.world_setting, metavar="KEY=VALUE",
-                   help="embedded-world settings (with --voc-root embedded)")
+                   help="embedded-world settings (with --voc-root embedded; default: the backbone's world, from "
+                        "its config.json)")
     p.add_argument("--train-sets", nargs="+", metavar="YEAR/SET", help="default 2007/trainval 2012/trainval")
     p.add_argument("--test-set", metavar="YEAR/SET", help="default 2007/test")
     p.add_argument("--iters", type=flags.POSITIVE_INT, help="training iterations (default 24000)")
@@ -434,7 +435,11 @@ def main(argv=None):
         from common.world import ensure_world
         from eval.voc_world import ensure_voc
 
-        args.voc_root = str(ensure_voc(ensure_world(data.world_config(args.world))))
+        from eval.datasets import run_config
+
+        # By default the backbone's own world (its config.json), as the probes do.
+        world = args.world if args.world is not None else run_config(args.checkpoint).get("world")
+        args.voc_root = str(ensure_voc(ensure_world(data.world_config(world))))
     train_set, test_set = voc_datasets(args.voc_root, args.train_sets, args.test_set)
     args.precision = "fp32"  # detectron2's default (SOLVER.AMP.ENABLED False), which MoCo's setup keeps
     run = utils.Run(args)

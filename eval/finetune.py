@@ -62,7 +62,7 @@ def param_groups(model, arch, weight_decay, layer_decay):
     stem (patch embedding, position embedding, class token) is layer 0, block i layer i + 1, the
     rest (final norm, head) layer L + 1, and layer l gets layer_decay^(L + 1 - l) of the lr.
     No weight decay on biases, norms, and the ViT's position embedding and class token."""
-    vit = arch == "vit_small_patch8"
+    vit = arch.startswith("vit")
     depth = len(model.backbone.blocks) if vit else 0
     no_decay = set(model.backbone.no_weight_decay()) if vit else set()
     groups = {}
@@ -105,7 +105,7 @@ def main(argv=None):
     random.seed(args.seed)
     device = torch.device(args.device)
     backbone, dim = load_for_eval(args)
-    if args.arch == "vit_small_patch8" and args.drop_path > 0:
+    if args.arch.startswith("vit") and args.drop_path > 0:
         backbone_with_drop_path = build_backbone(args.arch, args.run.get("img_size") or 224,
                                                  drop_path_rate=args.drop_path)[0]
         backbone_with_drop_path.load_state_dict(backbone.state_dict())
@@ -165,8 +165,8 @@ def main(argv=None):
                 "finetune_epochs": args.epochs, "batch_size": args.batch_size, "optimizer": "AdamW(0.9, 0.999)",
                 "base_lr": args.lr, "lr": args.lr * args.batch_size / 256, "min_lr": args.min_lr,
                 "warmup_epochs": args.warmup_epochs, "weight_decay": args.weight_decay,
-                "layer_decay": args.layer_decay if args.arch == "vit_small_patch8" else None,
-                "drop_path": args.drop_path if args.arch == "vit_small_patch8" else None,
+                "layer_decay": args.layer_decay if args.arch.startswith("vit") else None,
+                "drop_path": args.drop_path if args.arch.startswith("vit") else None,
                 "label_smoothing": args.label_smoothing,
                 "train_view": {"img_size": args.img_size, "crop": "RandomResizedCrop(0.08, 1) + flip"},
                 "test_view": view_protocol(args.img_size, args.crop, args.seed)}
