@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo study test install clean
+.PHONY: demo study paper test install clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ demo: $(STAMP)
 
 study: $(STAMP)
 	$(PY) -m eval.study --preset embedded --executor local --jobs 2 --out runs/study
+
+# Every claim of the paper on the world (eval/claims.py); resumable, about 2-3 hours on 2 cores.
+paper: $(STAMP)
+	$(PY) -m eval.study --preset world-paper --executor local --jobs 2 --out runs/paper
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -95,6 +95,7 @@ setup(
         "timm>=1.0",
         "submitit>=1.5",
         "matplotlib>=3.7",
+        "scipy>=1.9",
     ],
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

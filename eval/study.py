@@ -2,6 +2,7 @@
 
     python -m eval.study --preset embedded-quick --out runs/demo          # `make demo`
     python -m eval.study --preset embedded --out runs/study               # `make study`
+    python -m eval.study --preset world-paper --jobs 2 --out runs/paper   # `make paper`: every claim
     python -m eval.study --preset figure4 --executor slurm --out /scratch/study \\
         --imagenet IMAGENET/train --manifest pairs.csv --downstream DATA \\
         --partition gpu --gpus-per-node 8 --time 4320 --array-parallelism 16 --account ACC
@@ -20,8 +21,18 @@ trained again, an evaluation whose result exists is not run again, and training 
 sets it apart (method, pairs, settings, seed), not study-wide flags (--world, --train-args): a
 study with other such flags needs its own --out. OUT/<cell>/cell.json records the commands and
 the git commit of the last run that had work to do (and the ids of the SLURM jobs it submitted).
-At the end the study folder is turned into the paper's tables and figures (eval/report.py) in
-OUT/report/.
+At the end the study folder is turned into the paper's tables and figures (eval/report.py) and
+the claims table (eval/claims.py) in OUT/report/.
+
+Presets. On ImageNet subsets, the paper's experiments: figure4, table1 .. table5, figure5, and
+paper for all of them. On the embedded world, the same experiments scaled to it, in the held-out
+worlds 1-3: world-figure4 (= embedded, `make study`: four methods, both pair kinds, the supervised
+and random-init baselines), world-table1 (SimCLR at x1, x2, x4 the world's epochs), world-table2
+(detection on the world's boxes, SimCLR with a resnet18 and the C4 detector), world-table3 (DINO
+with a small ViT, fine-tuned), world-table4 (centre and random-crop probes), world-table5 (50,
+100 and 157 pairs a class in the world's scale: 6, 13 and 20), world-figure5 (the four transform
+settings) and world-paper for all of them (`make paper`); embedded-quick (`make demo`),
+embedded-nuisance (background strength), embedded-calibration (world 0).
 
 Executors: `local` runs each command as a subprocess, one after another (`--jobs N`: N cells at
 a time, each on its share of the cores; 2 on 2 cores keeps both busy); `debug` runs them in
@@ -63,6 +74,8 @@ from common.utils import git_commit
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("simclr", "vicreg", "byol", "dino")
+WORLD_VIT = "vit_tiny6_patch8"  # DINO's ViT on the world (common/backbones.py)
+FINETUNE_EPOCHS = 15  # eval.finetune on the world: 50 images a class, ~1,200 steps on the seen split
 PAIRS = ("semantic", "augmented")
 
 
@@ -167,7 +180,7 @@ def embedded_matrix(methods, world_seeds, seeds, invariance=True, **settings):
     return [cell(m, p, s, evals, **settings, world_seed=w) for m, p in runs for w in world_seeds for s in seeds]
 
 
-def paper_presets(a):
+def paper_presets(a, detection_args=(), finetune_args=()):
     """The paper's experiments on ImageNet subsets (ResNet-50, batch 256, 200 epochs by default)."""
     data = ("--data", a.imagenet, "--manifest", a.manifest) if a.imagenet else ()
     data += tuple(shlex.split(a.train_args))
@@ -179,9 +192,9 @@ def paper_presets(a):
     launch = ["-m", "torch.distributed.run", f"--nproc-per-node={a.eval_gpus}"] if a.eval_gpus > 1 else []
     detection = {"detection-voc07.json": [*launch, "-m", "eval.detection", "--checkpoint", "{run}/backbone.pth",
                                           "--voc-root", str(a.voc_root), "--out", "{run}/detection", "--resume",
-                                          "--result", "{result}"]}
+                                          "--result", "{result}", *detection_args]}
     finetune = {f"finetune-{d}.json": ["-m", "eval.finetune", "--checkpoint", "{run}/backbone.pth", "--dataset", d,
-                                       "--data-root", str(down), "--resume", "--out", "{result}"]
+                                       "--data-root", str(down), "--resume", "--out", "{result}", *finetune_args]
                 for d in ("cifar10", "cifar100", "stl10")}
     grid = [(p, s) for p in PAIRS for s in a.seeds]
     return {
@@ -199,8 +212,50 @@ def paper_presets(a):
     }
 
 
+def world_presets(study, world_seeds, seeds, detection_args=(), finetune_args=()):
+    """The paper's experiments scaled to the embedded world (README, "The paper's claims on the
+    world"): its ablations on SimCLR's convnet cells of world-figure4, a resnet18 for the C4
+    detector and a ViT sized for 32-px images for DINO, each with a random-init cell of the same
+    backbone to show what pretraining adds. `study`: the study-wide flags and, with --epochs, the
+    epochs that Table 1 multiplies; detection_args and finetune_args are added to those commands."""
+    from common.data import world_config
+    from common.utils import SHARED_DEFAULTS
+
+    probes = embedded_evals(study["world"], invariance=False)
+
+    def cells(method, evals, pairs=PAIRS, **settings):
+        return [cell(method, p, s, evals, **{**study, **settings}, world_seed=w)
+                for p in pairs for w in world_seeds for s in seeds]
+
+    base_epochs = study.get("epochs", SHARED_DEFAULTS["epochs"][1])
+    table1 = [c for factor in (2, 4) for c in cells("simclr", probes, epochs=base_epochs * factor)]
+    # The paper's 50 : 100 : 157 pairs per class, 157 being all of them.
+    pairs_per_class = world_config(study["world"]).pairs_per_class
+    table5 = [c for n in (50, 100) for c in cells("simclr", probes, images_per_class=round(pairs_per_class * n / 157))]
+    figure5 = [c for t in ("no_gray", "no_color", "only_crop") for c in cells("simclr", probes, transforms=t)]
+    random_crop = dict(probe("embedded", crop="random", split=split) for split in ("seen", "unseen"))
+    table4 = cells("simclr", {**probes, **random_crop})
+    detection = {**probes, "detection-voc-embedded.json": [
+        "-m", "eval.detection", "--checkpoint", "{run}/backbone.pth", "--voc-root", "embedded",
+        "--out", "{run}/detection", "--resume", "--result", "{result}", *detection_args]}
+    table2 = (cells("simclr", detection, arch="resnet18")
+              + cells("random", detection, pairs=(None,), arch="resnet18"))
+    finetune = {**probes, **{f"finetune-embedded-{split}.json": [
+        "-m", "eval.finetune", "--checkpoint", "{run}/backbone.pth", "--dataset", "embedded", "--split", split,
+        "--epochs", str(FINETUNE_EPOCHS), "--batch-size", "64", "--resume", "--out", "{result}", *finetune_args]
+        for split in ("seen", "unseen")}}
+    table3 = cells("dino", finetune, arch=WORLD_VIT) + cells("random", finetune, pairs=(None,), arch=WORLD_VIT)
+    table = {"world-figure4": embedded_matrix(METHODS, world_seeds, seeds, **study),
+             "world-table1": cells("simclr", probes) + table1, "world-table2": table2, "world-table3": table3,
+             "world-table4": table4, "world-table5": cells("simclr", probes) + table5,
+             "world-figure5": cells("simclr", probes) + figure5}
+    table["world-paper"] = [c for name in list(table) for c in table[name]]
+    return table
+
+
 def presets(a):
-    table = paper_presets(a)
+    detection_args, finetune_args = shlex.split(a.detection_args), shlex.split(a.finetune_args)
+    table = paper_presets(a, detection_args, finetune_args)
     table["paper"] = [c for name in list(table) for c in table[name]]
     study = dict(data_flags=shlex.split(a.train_args), world=a.world or ())
     if a.epochs:
@@ -210,7 +265,8 @@ def presets(a):
     held_out = a.world_seeds or (1, 2, 3)
     table["embedded-calibration"] = embedded_matrix(METHODS, a.world_seeds or (0,), a.seeds, invariance=False,
                                                     **study)
-    table["embedded"] = embedded_matrix(METHODS, held_out, a.seeds, **study)
+    table.update(world_presets(study, held_out, a.seeds, detection_args, finetune_args))
+    table["embedded"] = table["world-figure4"]  # `make study`
     # The demo's quick form: a contrastive and a non-contrastive method, fewer epochs, the probes alone.
     table["embedded-quick"] = embedded_matrix(("simclr", "vicreg"), a.world_seeds or (1,), a.seeds, invariance=False,
                                               **{"epochs": 8, **study})
@@ -220,7 +276,9 @@ def presets(a):
     return table
 
 
-EMBEDDED = ("embedded", "embedded-quick", "embedded-nuisance", "embedded-calibration")
+WORLD = ("world-figure4", "world-table1", "world-table2", "world-table3", "world-table4", "world-table5",
+         "world-figure5", "world-paper")
+EMBEDDED = ("embedded", "embedded-quick", "embedded-nuisance", "embedded-calibration") + WORLD
 
 
 def select(cells):
@@ -581,8 +639,9 @@ def parse_args(argv=None):
     """(flags, the preset's cells to run, study folder)."""
     p = Parser(prog="python -m eval.study", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", help="embedded, embedded-quick, embedded-nuisance, figure4, "
-                   "table1..table5, figure5, or paper (all of the paper's)")
+    p.add_argument("--preset", help="world-figure4 (= embedded), world-table1..5, world-figure5, world-paper, "
+                   "embedded-quick, embedded-nuisance, embedded-calibration; on ImageNet figure4, table1..table5, "
+                   "figure5, or paper (all of the paper's)")
     p.add_argument("--out", help="study folder (required, except with --list)")
     p.add_argument("--executor", choices=("local", "debug", "slurm"), default="local")
     p.add_argument("--jobs", type=POSITIVE_INT, default=1, help="local executor: cells run at a time (default 1)")
@@ -592,6 +651,11 @@ def parse_args(argv=None):
                    help="only the preset's cells whose names match one of these shell patterns, e.g. 'simclr-*'")
     p.add_argument("--train-args", default="", metavar="FLAGS",
                    help='flags added to every pretraining command, e.g. --train-args="--workers 4 --batch-size 64"')
+    p.add_argument("--detection-args", default="", metavar="FLAGS",
+                   help='flags added to every detection command (eval.detection), e.g. --detection-args="--iters 600"')
+    p.add_argument("--finetune-args", default="", metavar="FLAGS",
+                   help="flags added to every fine-tuning command (eval.finetune; the world presets' "
+                        f'default: --epochs {FINETUNE_EPOCHS} --batch-size 64), e.g. --finetune-args="--epochs 30"')
     p.add_argument("--list", action="store_true",
                    help="print the cells (with --out, what is left of each), then stop")
     p.add_argument("--status", action="store_true",

@@ -7,6 +7,7 @@ The matrix runs once per module (in-process, interrupted once); the local execut
 copy of the finished study that lost one result, so that it starts a single subprocess (each one
 spends seconds importing torch). The tiny networks run on one thread: on busy cores, two OpenMP
 threads wait on each other many times longer than the work takes."""
+import csv
 import io
 import json
 import os
@@ -350,3 +351,63 @@ def test_presets_sharing_a_cell_run_all_their_evaluations(tmp_path):
                 expected.update(c.evals)
     assert merged.evals == expected
     assert {"linear-cifar100-center.json", "detection-voc07.json", "linear-stl10-random.json"} <= expected.keys()
+
+
+def listed(*args):
+    out = io.StringIO()
+    with redirect_stdout(out):
+        study.main([*args, "--list"])
+    return out.getvalue().split()
+
+
+def test_every_world_preset_lists_its_cells():
+    cells = {preset: listed("--preset", preset) for preset in study.WORLD}
+    runs = [f"{m}-{p}" for m in study.METHODS for p in study.PAIRS] + ["supervised", "random"]
+    assert cells["world-figure4"] == [f"{run}-w{w}-s0" for run in runs for w in (1, 2, 3)]
+    simclr = {f"simclr-{p}-w{w}-s0" for p in study.PAIRS for w in (1, 2, 3)}
+
+    def ablation(setting):
+        return {f"simclr-{p}-{setting}-w{w}-s0" for p in study.PAIRS for w in (1, 2, 3)}
+
+    # x1, x2, x4 the world's 15 epochs; 50 and 100 of 157 pairs a class as 6 and 13 of the world's 20.
+    assert set(cells["world-table1"]) == simclr | ablation("epochs30") | ablation("epochs60")
+    assert set(cells["world-table5"]) == simclr | ablation("images_per_class6") | ablation("images_per_class13")
+    assert set(cells["world-figure5"]) == simclr | ablation("transformsno_gray") | ablation("transformsno_color") \
+        | ablation("transformsonly_crop")
+    assert set(cells["world-table4"]) == simclr
+    assert set(cells["world-table2"]) == ablation("archresnet18") | {f"random-archresnet18-w{w}-s0" for w in (1, 2, 3)}
+    vit = f"arch{study.WORLD_VIT}"
+    assert set(cells["world-table3"]) == {f"dino-{p}-{vit}-w{w}-s0" for p in study.PAIRS for w in (1, 2, 3)} | {
+        f"random-{vit}-w{w}-s0" for w in (1, 2, 3)}
+    paper = cells["world-paper"]
+    assert len(paper) == len(set(paper)) and set(paper) == set().union(*(cells[p] for p in study.WORLD[:-1]))
+    # One cell, the evaluations of every preset it is in: Table 4's random-crop probes and the invariance.
+    _, [main], _ = study.parse_args(["--preset", "world-paper", "--cells", "simclr-semantic-w1-s0", "--list"])
+    assert {"linear-embedded-seen-random.json", "linear-embedded-unseen-center.json",
+            "invariance.json"} <= main.evals.keys()
+
+
+def test_a_tiny_world_paper_runs_end_to_end_to_the_claims(tmp_path, tiny_world):
+    """Every cell of world-paper, one epoch in one tiny world, through the debug executor, down to
+    CLAIMS.md: every claim measured (one replicate: unresolved) or, for what one epoch leaves
+    collapsed, marked not testable."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    out = io.StringIO()
+    try:
+        with redirect_stdout(out), redirect_stderr(out):
+            study.main(["--preset", "world-paper", "--world", *TINY_WORLD, "--world-seeds", "1", "--epochs", "1",
+                        "--executor", "debug", "--out", str(tmp_path),
+                        "--train-args=--batch-size 8 --workers 0",
+                        "--detection-args=--iters 2 --batch-size 2 --min-sizes 64 --precise-bn-iters 0",
+                        "--finetune-args=--epochs 1 --batch-size 4"])
+    finally:
+        torch.set_num_threads(threads)
+    with open(tmp_path / "report" / "CLAIMS.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["claim"] for r in rows} == {f"C{i}" for i in range(1, 10)}
+    for r in rows:
+        assert r["verdict"] in ("unresolved", "not testable here"), r
+        assert r["n"] == "1" or "collapsed" in r["note"], r
+    kinds = {json.loads(p.read_text())["eval"] for p in tmp_path.glob("*/results/*.json")}
+    assert kinds == {"linear", "invariance", "detection", "finetune"}
