@@ -281,15 +281,17 @@ def plot(table, path):
 
 
 def runs_table(results):
-    """Every pretraining run with its collapse measure, as Markdown."""
+    """Every pretraining run with its collapse measure, as Markdown; a run is named by its folder
+    (a study's cell name)."""
     runs = {r.get("checkpoint"): r for r in results if r.get("pairs") in PAIRS}
     lines = ["### Runs: the collapse measure", "",
              f"Final embedding spread (1 even, 0 one direction; collapsed below {COLLAPSED_BELOW}).", "",
-             "| run | world seed | seed | spread | collapsed |", "|---|---|---|---|---|"]
+             "| run | method | pairs | world seed | seed | spread | collapsed |", "|---|---|---|---|---|---|---|"]
     for path, r in sorted(runs.items(), key=lambda item: str(item[0])):
         spread = r.get("embedding_std")
-        lines.append(f"| {r['method']} {r['pairs']} | {r.get('world_seed', '')} | {r.get('seed', '')} | "
-                     f"{'' if spread is None else f'{spread:.2f}'} | {'yes' if collapsed_run(r) else 'no'} |")
+        lines.append(f"| {Path(str(path)).parent.name} | {r['method']} | {r['pairs']} | {r.get('world_seed', '')} | "
+                     f"{r.get('seed', '')} | {'' if spread is None else f'{spread:.2f}'} | "
+                     f"{'yes' if collapsed_run(r) else 'no'} |")
     return "\n".join(lines) + "\n"
 
 

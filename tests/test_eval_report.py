@@ -159,7 +159,8 @@ def test_a_collapsed_run_makes_its_delta_not_testable(tmp_path):
     assert ("simclr", "embedded-seen", "delta") in built[0].cells
     text = (tmp_path / "out" / "report.md").read_text()
     assert "| byol | 20.00 ± 0.00 (n=2) | 25.00 ± 0.00 (n=2) | not testable here (collapsed) |" in text
-    assert "| byol semantic | 1 | 0 | 0.18 | yes |" in text and "| simclr semantic | 2 | 0 | 0.50 | no |" in text
+    assert "| byol-semantic-w1 | byol | semantic | 1 | 0 | 0.18 | yes |" in text
+    assert "| simclr-semantic-w2 | simclr | semantic | 2 | 0 | 0.50 | no |" in text
 
 
 def test_results_of_two_world_versions_are_refused(tmp_path, capsys):
