@@ -25,7 +25,7 @@ demo: $(STAMP)
 study: $(STAMP)
 	$(PY) -m eval.study --preset embedded --executor local --jobs 2 --out runs/study
 
-# Every claim of the paper on the world (eval/claims.py); resumable, about 2-3 hours on 2 cores.
+# Every claim of the paper on the world (eval/claims.py); resumable, 2 h 12 min on 2 cores.
 paper: $(STAMP)
 	$(PY) -m eval.study --preset world-paper --executor local --jobs 2 --out runs/paper
 

@@ -53,7 +53,7 @@ def build_backbone(arch, img_size=224, width=16, drop_path_rate=0.0, weights=Non
         dim = model.num_features
     elif arch == "vit_tiny6_patch8":
         # The world's ViT for DINO (Table 3): ViT-Ti's width (192, 3 heads) at half its depth, with
-        # ViT-S/8's patch size, so 16 patches of a 32-px image: sized for the CPU (BENCHMARKS.md).
+        # ViT-S/8's patch size, so 16 patches of a 32-px image: sized for the CPU budget.
         from timm.models.vision_transformer import VisionTransformer
 
         model = VisionTransformer(img_size=img_size, patch_size=8, embed_dim=192, depth=6, num_heads=3,
