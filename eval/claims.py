@@ -71,7 +71,7 @@ class Claim:
 
 
 def t_quantile(df, q=0.975):
-    from scipy.stats import t
+    from scipy.stats import t  # here: every evaluation script imports the report, few need scipy
 
     return float(t.ppf(q, df))
 
@@ -118,12 +118,12 @@ class Results:
 
     def datasets(self, eval_kind="linear", **where):
         return ordered("dataset", [r["dataset"] for r in self.rows if r["eval"] == eval_kind
-                                          and all(r.get(k) == v for k, v in where.items())])
+                                   and all(r.get(k) == v for k, v in where.items())])
 
     def axis_values(self, axis, **where):
         """The values of `axis` that SP runs matching `where` were run at."""
         return ordered(axis, [r[axis] for r in self.rows if r["pairs"] == "semantic"
-                                     and all(r.get(k) == v for k, v in where.items())])
+                              and all(r.get(k) == v for k, v in where.items())])
 
 
 def replicate(seed):
@@ -143,7 +143,8 @@ def difference(sp, ap):
 
 # The world preset that runs the cells of each claim.
 PRESETS = {"C1": "world-figure4", "C2": "world-figure4", "C3": "world-table1", "C4": "world-table2",
-           "C5": "world-table3", "C6": "world-table4", "C7": "world-table5", "C8": "world-figure5", "C9": "world-figure4"}
+           "C5": "world-table3", "C6": "world-table4", "C7": "world-table5", "C8": "world-figure5",
+           "C9": "world-figure4"}
 
 
 def measured(claim, compute):
