@@ -433,9 +433,8 @@ def main(argv=None):
     embedded = args.voc_root == "embedded"
     if embedded:
         from common.world import ensure_world
-        from eval.voc_world import ensure_voc
-
         from eval.datasets import run_config
+        from eval.voc_world import ensure_voc
 
         # By default the backbone's own world (its config.json), as the probes do.
         world = args.world if args.world is not None else run_config(args.checkpoint).get("world")

@@ -83,7 +83,7 @@ def write_result(record, path):
     return path
 
 
-# ------------------------------------------------------------------ reading results
+# ------------------------------------------------------------------ tables
 
 def describe(setting, skip=None):
     """The setting in words, e.g. "center crop, full transforms, all pairs, 200 epochs, world default"."""
@@ -92,8 +92,6 @@ def describe(setting, skip=None):
              "epochs": f"{setting['epochs']} epochs", "world": f"world {setting['world']}"}
     return ", ".join(text for axis, text in words.items() if axis != skip)
 
-
-# ------------------------------------------------------------------ tables
 
 @dataclass
 class Stats:

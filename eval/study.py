@@ -227,6 +227,7 @@ def world_presets(study, world_seeds, seeds, detection_args=(), finetune_args=()
         return [cell(method, p, s, evals, **{**study, **settings}, world_seed=w)
                 for p in pairs for w in world_seeds for s in seeds]
 
+    simclr = cells("simclr", probes)  # Figure 4's SimCLR cells, every ablation's reference
     base_epochs = study.get("epochs", SHARED_DEFAULTS["epochs"][1])
     table1 = [c for factor in (2, 4) for c in cells("simclr", probes, epochs=base_epochs * factor)]
     # The paper's 50 : 100 : 157 pairs per class, 157 being all of them.
@@ -234,7 +235,7 @@ def world_presets(study, world_seeds, seeds, detection_args=(), finetune_args=()
     table5 = [c for n in (50, 100) for c in cells("simclr", probes, images_per_class=round(pairs_per_class * n / 157))]
     figure5 = [c for t in ("no_gray", "no_color", "only_crop") for c in cells("simclr", probes, transforms=t)]
     random_crop = dict(probe("embedded", crop="random", split=split) for split in ("seen", "unseen"))
-    table4 = cells("simclr", {**probes, **random_crop})
+    table4 = cells("simclr", {**probes, **random_crop})  # the same cells, with the random-crop probes
     detection = {**probes, "detection-voc-embedded.json": [
         "-m", "eval.detection", "--checkpoint", "{run}/backbone.pth", "--voc-root", "embedded",
         "--out", "{run}/detection", "--resume", "--result", "{result}", *detection_args]}
@@ -246,9 +247,8 @@ def world_presets(study, world_seeds, seeds, detection_args=(), finetune_args=()
         for split in ("seen", "unseen")}}
     table3 = cells("dino", finetune, arch=WORLD_VIT) + cells("random", finetune, pairs=(None,), arch=WORLD_VIT)
     table = {"world-figure4": embedded_matrix(METHODS, world_seeds, seeds, **study),
-             "world-table1": cells("simclr", probes) + table1, "world-table2": table2, "world-table3": table3,
-             "world-table4": table4, "world-table5": cells("simclr", probes) + table5,
-             "world-figure5": cells("simclr", probes) + figure5}
+             "world-table1": simclr + table1, "world-table2": table2, "world-table3": table3,
+             "world-table4": table4, "world-table5": simclr + table5, "world-figure5": simclr + figure5}
     table["world-paper"] = [c for name in list(table) for c in table[name]]
     return table
 
