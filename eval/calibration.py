@@ -9,7 +9,8 @@ and no semantic-pair accuracy, so that whoever calibrates cannot see the answer:
 - the supervised ceiling and the random-init floor on each transfer split (linear probe, %);
 - per method, the augmented-pairs probe accuracy and its ratio to random init on the seen split;
 - per method and pair kind, the collapse measure (the last epoch's embedding spread,
-  report.COLLAPSED_BELOW) and whether the run collapsed.
+  report.COLLAPSED_BELOW) and whether the run collapsed;
+- per method, the std of the per-seed SP − AP on the seen split (criterion e), without its mean.
 Values are means over the folder's runs (world seeds x pretraining seeds).
 
     python -m eval.calibration --colour-histogram [--world KEY=VALUE ...]
@@ -68,6 +69,36 @@ def lines(table):
     return out
 
 
+def delta_spread(results):
+    """Criterion e's figure, {method: (std, runs)}: the std of the per-seed SP − AP (centre-crop
+    probe, seen split), pooled within worlds (each world's own mean removed), or across worlds
+    when each has one seed. Only the spread is computed, so Δ's size and sign stay hidden."""
+    seen = {}
+    for r in results:
+        if (r["eval"], r["dataset"], r.get("split"), r.get("crop", "center")) == ("linear", "embedded", "seen", "center"):
+            seen[r["method"], r["pairs"], r.get("world_seed"), r.get("seed")] = r["accuracy"]
+    deltas = defaultdict(lambda: defaultdict(list))   # method -> world -> per-seed SP − AP
+    for (method, pairs, world, seed), sp in seen.items():
+        if pairs == "semantic" and (method, "augmented", world, seed) in seen:
+            deltas[method][world].append(sp - seen[method, "augmented", world, seed])
+    spread = {}
+    for method, worlds in deltas.items():
+        groups = list(worlds.values())
+        if max(map(len, groups)) == 1:  # one seed per world: the worlds are the replicates
+            groups = [[only for only, in groups]]
+        runs = sum(map(len, groups))
+        dof = runs - len(groups)
+        if dof > 0:
+            squares = sum(float(((np.array(g) - np.mean(g)) ** 2).sum()) for g in groups)
+            spread[method] = (float(np.sqrt(squares / dof)), runs)
+    return spread
+
+
+def spread_lines(spread):
+    out = ["| method | std of the per-seed Δ, seen (criterion e; its mean is not shown) | runs |", "|---|---|---|"]
+    return out + [f"| {method} | {std:.1f} | {runs} |" for method, (std, runs) in sorted(spread.items())]
+
+
 def colour_histograms(samples, bins=4):
     """(N x bins^3 histograms, normalised to sum 1; N labels) of the images of `samples`."""
     features, labels = [], []
@@ -115,6 +146,9 @@ def main(argv=None):
         print(f"error: no linear-probe results on the embedded world under {args.folder}", file=sys.stderr)
         sys.exit(2)
     print("\n".join(lines(table)))
+    spread = delta_spread(results)
+    if spread:
+        print("\n" + "\n".join(spread_lines(spread)))
 
 
 if __name__ == "__main__":

@@ -3,15 +3,16 @@ the colour-histogram reference probe."""
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from eval import calibration, report
 
 
-def write(folder, name, method, pairs, split, accuracy, spread):
-    record = {"schema": report.SCHEMA, "eval": "linear", "method": method, "pairs": pairs, "seed": 0,
+def write(folder, name, method, pairs, split, accuracy, spread, seed=0, world=0):
+    record = {"schema": report.SCHEMA, "eval": "linear", "method": method, "pairs": pairs, "seed": seed,
               "dataset": "embedded", "split": split, "accuracy": accuracy, "embedding_std": spread, "data": None,
-              "world_version": 2, "world_seed": 0, "checkpoint": f"{method}-{pairs}/backbone.pth"}
+              "world_version": 2, "world_seed": world, "checkpoint": f"{method}-{pairs}/backbone.pth"}
     (folder / f"{name}-{split}.json").write_text(json.dumps(record))
 
 
@@ -28,6 +29,21 @@ def test_the_table_never_shows_a_semantic_pair_accuracy(tmp_path, capsys):
     assert rows["byol semantic"].endswith("| 0.05 | 1 of 1 |")  # collapsed: below report.COLLAPSED_BELOW
     assert "| 30.0 | 40.0 | 3.0x | 0.40 | 0 of 1 |" in rows["byol augmented"]
     assert "| 55.0 | 65.0 |" in rows["supervised"]
+
+
+def test_the_delta_spread_is_pooled_within_worlds_and_hides_the_mean(tmp_path, capsys):
+    # per-seed deltas 1, 3 in world 1 and 5, 9 in world 2: squares 2 + 8 over 2 dof, std sqrt(5)
+    for world, deltas in ((1, (1, 3)), (2, (5, 9))):
+        for seed, d in enumerate(deltas):
+            write(tmp_path, f"sp-w{world}-s{seed}", "simclr", "semantic", "seen", 40.0 + d, 0.5, seed, world)
+            write(tmp_path, f"ap-w{world}-s{seed}", "simclr", "augmented", "seen", 40.0, 0.7, seed, world)
+    assert calibration.delta_spread(report.load_results([tmp_path])) == {"simclr": (pytest.approx(5 ** 0.5), 4)}
+    calibration.main([str(tmp_path)])
+    assert "| simclr | 2.2 | 4 |" in capsys.readouterr().out.splitlines()
+    # one seed per world: the worlds are the replicates (deltas 1 and 5: std 2.83)
+    for path in tmp_path.glob("*-s1-seen.json"):
+        path.unlink()
+    assert calibration.delta_spread(report.load_results([tmp_path])) == {"simclr": (pytest.approx(8 ** 0.5), 2)}
 
 
 def test_colour_histograms_count_each_pixel_in_its_bin(tmp_path):
