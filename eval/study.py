@@ -62,6 +62,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -341,7 +342,11 @@ def run_in_process(cmd):
         os.chdir(REPO)
         if cmd[0] == "-m":
             sys.argv = [cmd[1], *cmd[2:]]
-            runpy.run_module(cmd[1], run_name="__main__", alter_sys=True)
+            with warnings.catch_warnings():
+                # An evaluation module is run again as __main__ after an earlier cell imported it;
+                # runpy's warning about that is expected here: each run gets a fresh namespace.
+                warnings.filterwarnings("ignore", "'.*' found in sys.modules", RuntimeWarning)
+                runpy.run_module(cmd[1], run_name="__main__", alter_sys=True)
         else:
             sys.argv = list(cmd)
             runpy.run_path(str(REPO / cmd[0]), run_name="__main__")
