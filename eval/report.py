@@ -293,14 +293,28 @@ def runs_table(results):
     return "\n".join(lines) + "\n"
 
 
+def provenance(results):
+    """Which worlds and pretraining seeds the results come from, e.g. ": embedded world version 2,
+    world seeds 1, 2, 3; pretraining seeds 0, 1, 2"."""
+    def listed(values):
+        return ", ".join(map(str, sorted(set(v for v in values if v is not None))))
+
+    worlds = [r for r in results if r.get("world_seed") is not None]
+    parts = [f"embedded world version {listed(r.get('world_version') or 1 for r in worlds)}, world seeds "
+             f"{listed(r['world_seed'] for r in worlds)}"] if worlds else []
+    if any(r.get("seed") is not None for r in results):
+        parts.append(f"pretraining seeds {listed(r.get('seed') for r in results)}")
+    return ": " + "; ".join(parts) if parts else ""
+
+
 def write_report(results, out):
     """report.md, results.csv and a PNG per table in `out`; returns the tables."""
     check_world_versions(results)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     built = tables(results)
-    parts = [f"# Results\n\n{len(results)} result files. SP = semantic pairs, AP = augmented pairs, "
-             "Δ = SP − AP; mean ± std over pretraining seeds and worlds (n runs of each). Where a run of a "
+    parts = [f"# Results\n\n{len(results)} result files{provenance(results)}. SP = semantic pairs, AP = augmented "
+             "pairs, Δ = SP − AP; mean ± std over pretraining seeds and worlds (n runs of each). Where a run of a "
              f"method collapsed (its final embedding spread below {COLLAPSED_BELOW}, table at the end), its Δ is "
              "not testable here.\n"]
     with open(out / "results.csv", "w", newline="") as f:

@@ -158,6 +158,7 @@ def test_a_collapsed_run_makes_its_delta_not_testable(tmp_path):
     assert ("byol", "embedded-seen", "delta") not in built[0].cells
     assert ("simclr", "embedded-seen", "delta") in built[0].cells
     text = (tmp_path / "out" / "report.md").read_text()
+    assert "result files: embedded world version 2, world seeds 1, 2; pretraining seeds 0. " in text
     assert "| byol | 20.00 ± 0.00 (n=2) | 25.00 ± 0.00 (n=2) | not testable here (collapsed) |" in text
     assert "| byol-semantic-w1 | byol | semantic | 1 | 0 | 0.18 | yes |" in text
     assert "| simclr-semantic-w2 | simclr | semantic | 2 | 0 | 0.50 | no |" in text
