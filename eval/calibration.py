@@ -1,7 +1,7 @@
-"""The world's calibration figures, from a study folder, without SP − AP.
+"""The world's calibration figures, from study folders, without SP − AP.
 
     python -m eval.study --preset embedded-calibration --jobs 2 --out runs/calibration [--world ...]
-    python -m eval.calibration runs/calibration
+    python -m eval.calibration runs/calibration [more study folders, pooled]
 
 The world's defaults and the world-scale training defaults are chosen by criteria that never use
 the size or sign of SP − AP (README, "Calibration"). This prints exactly what those criteria need,
@@ -10,8 +10,9 @@ and no semantic-pair accuracy, so that whoever calibrates cannot see the answer:
 - per method, the augmented-pairs probe accuracy and its ratio to random init on the seen split;
 - per method and pair kind, the collapse measure (the last epoch's embedding spread,
   report.COLLAPSED_BELOW) and whether the run collapsed;
-- per method, the std of the per-seed SP − AP on the seen split (criterion e), without its mean.
-Values are means over the folder's runs (world seeds x pretraining seeds).
+- per method, the std of the per-seed SP − AP on the seen split (criterion e), with its 95%
+  interval, without its mean.
+Values are means over the folders' runs (world seeds x pretraining seeds).
 
     python -m eval.calibration --colour-histogram [--world KEY=VALUE ...]
 
@@ -19,6 +20,7 @@ is the shape criterion's reference: the linear probe (eval.linear_probe's protoc
 transfer image's colour histogram (4 x 4 x 4 RGB bins) instead of a backbone's features.
 """
 import argparse
+import math
 import sys
 from collections import defaultdict
 
@@ -69,14 +71,23 @@ def lines(table):
     return out
 
 
+class DuplicateRuns(ValueError):
+    """Pooled folders hold two runs of one cell (e.g. two settings of the same seed)."""
+
+
 def delta_spread(results):
-    """Criterion e's figure, {method: (std, runs)}: the std of the per-seed SP − AP (centre-crop
-    probe, seen split), pooled within worlds (each world's own mean removed), or across worlds
-    when each has one seed. Only the spread is computed, so Δ's size and sign stay hidden."""
-    seen = {}
+    """Criterion e's figure, {method: (std, runs, degrees of freedom)}: the std of the per-seed
+    SP − AP (centre-crop probe, seen split), pooled within worlds (each world's own mean removed),
+    or across worlds when each has one seed. Only the spread is computed, so Δ's size and sign
+    stay hidden."""
+    seen, checkpoints = {}, {}
     for r in results:
         if (r["eval"], r["dataset"], r.get("split"), r.get("crop", "center")) == ("linear", "embedded", "seen", "center"):
-            seen[r["method"], r["pairs"], r.get("world_seed"), r.get("seed")] = r["accuracy"]
+            key = r["method"], r["pairs"], r.get("world_seed"), r.get("seed")
+            if key in seen and checkpoints[key] != r["checkpoint"]:
+                raise DuplicateRuns("two runs of {} {} in world {}, seed {}: {} and {}".format(
+                    *key, checkpoints[key], r["checkpoint"]))
+            seen[key], checkpoints[key] = r["accuracy"], r["checkpoint"]
     deltas = defaultdict(lambda: defaultdict(list))   # method -> world -> per-seed SP − AP
     for (method, pairs, world, seed), sp in seen.items():
         if pairs == "semantic" and (method, "augmented", world, seed) in seen:
@@ -90,13 +101,27 @@ def delta_spread(results):
         dof = runs - len(groups)
         if dof > 0:
             squares = sum(float(((np.array(g) - np.mean(g)) ** 2).sum()) for g in groups)
-            spread[method] = (float(np.sqrt(squares / dof)), runs)
+            spread[method] = (float(np.sqrt(squares / dof)), runs, dof)
     return spread
 
 
+def std_interval(std, dof, level=0.95):
+    """The `level` confidence interval of the std of a normal population from a sample std with
+    `dof` degrees of freedom (chi-square): a std of 2.5 from 6 runs is [1.6, 6.1], so few runs
+    can tell only large differences of spread apart."""
+    from scipy.stats import chi2
+
+    tail = (1 - level) / 2
+    return std * math.sqrt(dof / chi2.ppf(1 - tail, dof)), std * math.sqrt(dof / chi2.ppf(tail, dof))
+
+
 def spread_lines(spread):
-    out = ["| method | std of the per-seed Δ, seen (criterion e; its mean is not shown) | runs |", "|---|---|---|"]
-    return out + [f"| {method} | {std:.1f} | {runs} |" for method, (std, runs) in sorted(spread.items())]
+    out = ["| method | std of the per-seed Δ, seen (criterion e; its mean is not shown) | 95% interval | runs |",
+           "|---|---|---|---|"]
+    for method, (std, runs, dof) in sorted(spread.items()):
+        low, high = std_interval(std, dof)
+        out.append(f"| {method} | {std:.1f} | [{low:.1f}, {high:.1f}] | {runs} |")
+    return out
 
 
 def colour_histograms(samples, bins=4):
@@ -122,7 +147,8 @@ def colour_histogram_probe(root, split):
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m eval.calibration", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("folder", nargs="?", help="a study folder (e.g. of the embedded-calibration preset)")
+    parser.add_argument("folders", nargs="*", metavar="folder",
+                        help="study folders (e.g. of the embedded-calibration preset), their runs pooled")
     parser.add_argument("--colour-histogram", action="store_true",
                         help="instead: the probe on colour histograms of the world given by --world")
     parser.add_argument("--world", nargs="*", metavar="KEY=VALUE", help="embedded-world settings")
@@ -133,20 +159,20 @@ def main(argv=None):
         root = ensure_world(world_config(args.world))
         print(" ".join(f"{split} {colour_histogram_probe(root, split):.1f}%" for split in SPLITS))
         return
-    if args.folder is None:
+    if not args.folders:
         parser.error("give a study folder, or --colour-histogram")
-    results = load_results([args.folder])
+    results = load_results(args.folders)
     try:
         check_world_versions(results)
-    except MixedWorlds as e:
+        spread = delta_spread(results)
+    except (MixedWorlds, DuplicateRuns) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     table = figures(results)
     if not table:
-        print(f"error: no linear-probe results on the embedded world under {args.folder}", file=sys.stderr)
+        print(f"error: no linear-probe results on the embedded world under {' '.join(args.folders)}", file=sys.stderr)
         sys.exit(2)
     print("\n".join(lines(table)))
-    spread = delta_spread(results)
     if spread:
         print("\n" + "\n".join(spread_lines(spread)))
 

@@ -37,13 +37,37 @@ def test_the_delta_spread_is_pooled_within_worlds_and_hides_the_mean(tmp_path, c
         for seed, d in enumerate(deltas):
             write(tmp_path, f"sp-w{world}-s{seed}", "simclr", "semantic", "seen", 40.0 + d, 0.5, seed, world)
             write(tmp_path, f"ap-w{world}-s{seed}", "simclr", "augmented", "seen", 40.0, 0.7, seed, world)
-    assert calibration.delta_spread(report.load_results([tmp_path])) == {"simclr": (pytest.approx(5 ** 0.5), 4)}
+    assert calibration.delta_spread(report.load_results([tmp_path])) == {"simclr": (pytest.approx(5 ** 0.5), 4, 2)}
     calibration.main([str(tmp_path)])
-    assert "| simclr | 2.2 | 4 |" in capsys.readouterr().out.splitlines()
+    # the 95% chi-square interval with 2 dof: std * sqrt(2 / 7.378) and std * sqrt(2 / 0.0506)
+    assert "| simclr | 2.2 | [1.2, 14.1] | 4 |" in capsys.readouterr().out.splitlines()
     # one seed per world: the worlds are the replicates (deltas 1 and 5: std 2.83)
     for path in tmp_path.glob("*-s1-seen.json"):
         path.unlink()
-    assert calibration.delta_spread(report.load_results([tmp_path])) == {"simclr": (pytest.approx(8 ** 0.5), 2)}
+    assert calibration.delta_spread(report.load_results([tmp_path])) == {"simclr": (pytest.approx(8 ** 0.5), 2, 1)}
+
+
+def test_the_std_interval_narrows_with_more_runs():
+    low, high = calibration.std_interval(2.5, 5)  # 6 runs
+    assert (round(low, 2), round(high, 2)) == (1.56, 6.13)
+    low, high = calibration.std_interval(2.5, 60)
+    assert 2.0 < low < 2.5 < high < 3.1
+
+
+def test_pooled_folders_refuse_two_runs_of_one_cell(tmp_path, capsys):
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        for pairs, acc in (("semantic", 41.0), ("augmented", 40.0)):
+            write(tmp_path / folder, pairs, "simclr", pairs, "seen", acc, 0.5)
+    # the same checkpoint found twice is one run: no error (and one run gives no spread yet)
+    assert calibration.delta_spread(report.load_results([tmp_path / "a", tmp_path / "a"])) == {}
+    record = json.loads((tmp_path / "b" / "semantic-seen.json").read_text())
+    record["checkpoint"] = "b/simclr-semantic/backbone.pth"
+    (tmp_path / "b" / "semantic-seen.json").write_text(json.dumps(record))
+    with pytest.raises(SystemExit) as exit:
+        calibration.main([str(tmp_path / "a"), str(tmp_path / "b")])
+    assert exit.value.code == 2
+    assert "two runs of simclr semantic in world 0, seed 0" in capsys.readouterr().err
 
 
 def test_colour_histograms_count_each_pixel_in_its_bin(tmp_path):
