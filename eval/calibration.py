@@ -11,7 +11,8 @@ and no semantic-pair accuracy, so that whoever calibrates cannot see the answer:
 - per method and pair kind, the collapse measure (the last epoch's embedding spread,
   report.COLLAPSED_BELOW) and whether the run collapsed;
 - per method, the std of the per-seed SP − AP on the seen split (criterion e), with its 95%
-  interval, without its mean.
+  interval, without its mean; and the std of each pair kind's accuracy alone and their
+  correlation, which together make it.
 Values are means over the folders' runs (world seeds x pretraining seeds).
 
     python -m eval.calibration --colour-histogram [--world KEY=VALUE ...]
@@ -23,6 +24,7 @@ import argparse
 import math
 import sys
 from collections import defaultdict
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -75,11 +77,21 @@ class DuplicateRuns(ValueError):
     """Pooled folders hold two runs of one cell (e.g. two settings of the same seed)."""
 
 
+class Spread(NamedTuple):
+    """Criterion e's figure and where it comes from, over the runs of one method."""
+    std: float          # of the per-seed SP − AP
+    runs: int
+    dof: int
+    sp_std: float       # of each pair kind's accuracy alone
+    ap_std: float
+    correlation: float  # of SP with AP over seeds: what a seed does to both cancels in Δ
+
+
 def delta_spread(results):
-    """Criterion e's figure, {method: (std, runs, degrees of freedom)}: the std of the per-seed
-    SP − AP (centre-crop probe, seen split), pooled within worlds (each world's own mean removed),
-    or across worlds when each has one seed. Only the spread is computed, so Δ's size and sign
-    stay hidden."""
+    """{method: Spread}: the std of the per-seed SP − AP (centre-crop probe, seen split), pooled
+    within worlds (each world's own mean removed), or across worlds when each has one seed; and
+    the std of each pair kind alone and their correlation, pooled alike. Only spreads are
+    computed, so Δ's size and sign stay hidden."""
     seen, checkpoints = {}, {}
     for r in results:
         if (r["eval"], r["dataset"], r.get("split"), r.get("crop", "center")) == ("linear", "embedded", "seen", "center"):
@@ -88,20 +100,23 @@ def delta_spread(results):
                 raise DuplicateRuns("two runs of {} {} in world {}, seed {}: {} and {}".format(
                     *key, checkpoints[key], r["checkpoint"]))
             seen[key], checkpoints[key] = r["accuracy"], r["checkpoint"]
-    deltas = defaultdict(lambda: defaultdict(list))   # method -> world -> per-seed SP − AP
+    paired = defaultdict(lambda: defaultdict(list))   # method -> world -> per-seed (SP, AP)
     for (method, pairs, world, seed), sp in seen.items():
         if pairs == "semantic" and (method, "augmented", world, seed) in seen:
-            deltas[method][world].append(sp - seen[method, "augmented", world, seed])
+            paired[method][world].append((sp, seen[method, "augmented", world, seed]))
     spread = {}
-    for method, worlds in deltas.items():
-        groups = list(worlds.values())
+    for method, worlds in paired.items():
+        groups = [np.array(g) for g in worlds.values()]
         if max(map(len, groups)) == 1:  # one seed per world: the worlds are the replicates
-            groups = [[only for only, in groups]]
+            groups = [np.concatenate(groups)]
         runs = sum(map(len, groups))
         dof = runs - len(groups)
         if dof > 0:
-            squares = sum(float(((np.array(g) - np.mean(g)) ** 2).sum()) for g in groups)
-            spread[method] = (float(np.sqrt(squares / dof)), runs, dof)
+            centred = np.concatenate([g - g.mean(0) for g in groups])
+            (sp_var, covariance), (_, ap_var) = centred.T @ centred / dof
+            correlation = covariance / math.sqrt(sp_var * ap_var) if sp_var * ap_var > 0 else math.nan
+            spread[method] = Spread(math.sqrt(max(sp_var + ap_var - 2 * covariance, 0.0)), runs, dof,
+                                    math.sqrt(sp_var), math.sqrt(ap_var), correlation)
     return spread
 
 
@@ -116,11 +131,13 @@ def std_interval(std, dof, level=0.95):
 
 
 def spread_lines(spread):
-    out = ["| method | std of the per-seed Δ, seen (criterion e; its mean is not shown) | 95% interval | runs |",
-           "|---|---|---|---|"]
-    for method, (std, runs, dof) in sorted(spread.items()):
-        low, high = std_interval(std, dof)
-        out.append(f"| {method} | {std:.1f} | [{low:.1f}, {high:.1f}] | {runs} |")
+    out = ["| method | std of the per-seed Δ, seen (criterion e; its mean is not shown) | 95% interval "
+           "| std of SP alone | std of AP alone | SP-AP correlation | runs |", "|---|---|---|---|---|---|---|"]
+    for method, s in sorted(spread.items()):
+        low, high = std_interval(s.std, s.dof)
+        correlation = "" if math.isnan(s.correlation) else f"{s.correlation:+.2f}"
+        out.append(f"| {method} | {s.std:.1f} | [{low:.1f}, {high:.1f}] | {s.sp_std:.1f} | {s.ap_std:.1f} "
+                   f"| {correlation} | {s.runs} |")
     return out
 
 

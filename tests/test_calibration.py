@@ -32,19 +32,25 @@ def test_the_table_never_shows_a_semantic_pair_accuracy(tmp_path, capsys):
 
 
 def test_the_delta_spread_is_pooled_within_worlds_and_hides_the_mean(tmp_path, capsys):
-    # per-seed deltas 1, 3 in world 1 and 5, 9 in world 2: squares 2 + 8 over 2 dof, std sqrt(5)
-    for world, deltas in ((1, (1, 3)), (2, (5, 9))):
-        for seed, d in enumerate(deltas):
-            write(tmp_path, f"sp-w{world}-s{seed}", "simclr", "semantic", "seen", 40.0 + d, 0.5, seed, world)
-            write(tmp_path, f"ap-w{world}-s{seed}", "simclr", "augmented", "seen", 40.0, 0.7, seed, world)
-    assert calibration.delta_spread(report.load_results([tmp_path])) == {"simclr": (pytest.approx(5 ** 0.5), 4, 2)}
+    # (SP, AP) per seed: world 1 (41, 40), (45, 42); world 2 (50, 45), (52, 49). Centred within
+    # worlds, over 2 dof: SP variance (4 + 4 + 1 + 1) / 2 = 5, AP 5, covariance (2 + 2 + 2 + 2) / 2 = 4,
+    # so correlation 0.8 and Δ variance 5 + 5 - 8 = 2 (the deltas 1, 3 and 5, 3: squares 4 over 2 dof).
+    for world, runs in ((1, ((41, 40), (45, 42))), (2, ((50, 45), (52, 49)))):
+        for seed, (sp, ap) in enumerate(runs):
+            write(tmp_path, f"sp-w{world}-s{seed}", "simclr", "semantic", "seen", sp, 0.5, seed, world)
+            write(tmp_path, f"ap-w{world}-s{seed}", "simclr", "augmented", "seen", ap, 0.7, seed, world)
+    spread = calibration.delta_spread(report.load_results([tmp_path]))["simclr"]
+    assert spread == pytest.approx((2 ** 0.5, 4, 2, 5 ** 0.5, 5 ** 0.5, 0.8))
     calibration.main([str(tmp_path)])
+    out = capsys.readouterr().out
     # the 95% chi-square interval with 2 dof: std * sqrt(2 / 7.378) and std * sqrt(2 / 0.0506)
-    assert "| simclr | 2.2 | [1.2, 14.1] | 4 |" in capsys.readouterr().out.splitlines()
+    assert "| simclr | 1.4 | [0.7, 8.9] | 2.2 | 2.2 | +0.80 | 4 |" in out.splitlines()
+    assert "47.0" not in out and "| 44.0 |" in out  # the mean of AP, never of SP
     # one seed per world: the worlds are the replicates (deltas 1 and 5: std 2.83)
     for path in tmp_path.glob("*-s1-seen.json"):
         path.unlink()
-    assert calibration.delta_spread(report.load_results([tmp_path])) == {"simclr": (pytest.approx(8 ** 0.5), 2, 1)}
+    spread = calibration.delta_spread(report.load_results([tmp_path]))["simclr"]
+    assert (spread.std, spread.runs, spread.dof) == (pytest.approx(8 ** 0.5), 2, 1)
 
 
 def test_the_std_interval_narrows_with_more_runs():
