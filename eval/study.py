@@ -22,7 +22,8 @@ sets it apart (method, pairs, settings, seed), not study-wide flags (--world, --
 study with other such flags needs its own --out. OUT/<cell>/cell.json records the commands and
 the git commit of the last run that had work to do (and the ids of the SLURM jobs it submitted).
 At the end the study folder is turned into the paper's tables and figures (eval/report.py) and
-the claims table (eval/claims.py) in OUT/report/.
+the claims table (eval/claims.py) in OUT/report/; embedded-calibration's into eval.calibration's
+figures only (OUT/report/calibration.md), which hide SP accuracy and Δ.
 
 Presets. On ImageNet subsets, the paper's experiments: figure4, table1 .. table5, figure5, and
 paper for all of them. On the embedded world, the same experiments scaled to it, in the held-out
@@ -280,6 +281,8 @@ def presets(a):
 WORLD = ("world-figure4", "world-table1", "world-table2", "world-table3", "world-table4", "world-table5",
          "world-figure5", "world-paper")
 EMBEDDED = ("embedded", "embedded-quick", "embedded-nuisance", "embedded-calibration") + WORLD
+# Presets that calibrate the world: their summary is eval.calibration's, without SP accuracy or Δ.
+BLIND = ("embedded-calibration",)
 
 
 def select(cells):
@@ -395,11 +398,22 @@ class SlurmTask:
         return submitit.helpers.DelayedSubmission(SlurmTask(self.cell, self.root, self.stage))
 
 
-def build_report(root):
-    """OUT/report/ from the results under the study folder."""
+def build_report(root, blind=False):
+    """OUT/report/ from the results under the study folder: the paper's tables and figures
+    (report.md), or for a blind study only eval.calibration's figures (calibration.md), which show
+    no semantic-pair accuracy, so that whoever calibrates the world never sees Δ. Returns the file."""
+    out = Path(root) / "report"
+    if blind:
+        from eval import calibration
+
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "calibration.md", "w") as f, contextlib.redirect_stdout(f):
+            calibration.main([str(root)])
+        return out / "calibration.md"
     from eval import report
 
-    report.main([str(root), "--out", str(Path(root) / "report")])
+    report.main([str(root), "--out", str(out)])
+    return out / "report.md"
 
 
 def slurm_parameters(a, stage):
@@ -603,7 +617,7 @@ def run_slurm(cells, root, a, executor_factory=None):
         if todo:
             # afterany: the report also shows what finished when some cells failed.
             with sbatch_refusal("report job"):
-                job = executor("report", "afterany:" + ":".join(result.job_ids())).submit(build_report, root)
+                job = executor("report", "afterany:" + ":".join(result.job_ids())).submit(build_report, root, a.preset in BLIND)
             result.report = job.job_id
     except SlurmError as e:
         if result.job_ids():
@@ -750,8 +764,7 @@ def main(argv=None):
             return
     else:
         run_local(cells, root, in_process=a.executor == "debug", jobs=a.jobs)
-    build_report(root)
-    print((root / "report" / "report.md").read_text())
+    print(build_report(root, a.preset in BLIND).read_text())
 
 
 def fail(message):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from eval import calibration, report
+from eval import calibration, report, study
 
 
 def write(folder, name, method, pairs, split, accuracy, spread, seed=0, world=0):
@@ -51,6 +51,17 @@ def test_the_delta_spread_is_pooled_within_worlds_and_hides_the_mean(tmp_path, c
         path.unlink()
     spread = calibration.delta_spread(report.load_results([tmp_path]))["simclr"]
     assert (spread.std, spread.runs, spread.dof) == (pytest.approx(8 ** 0.5), 2, 1)
+
+
+def test_a_calibration_study_is_summarised_without_semantic_pair_accuracy(tmp_path):
+    for seed, (sp, ap) in enumerate(((61.0, 40.0), (65.0, 42.0))):
+        write(tmp_path, f"sp-s{seed}", "simclr", "semantic", "seen", sp, 0.5, seed)
+        write(tmp_path, f"ap-s{seed}", "simclr", "augmented", "seen", ap, 0.7, seed)
+    summary = study.build_report(tmp_path, blind="embedded-calibration" in study.BLIND)
+    text = summary.read_text()
+    assert summary == tmp_path / "report" / "calibration.md" and not (tmp_path / "report" / "report.md").exists()
+    assert "| 41.0 |" in text and "63.0" not in text  # AP's mean shown, SP's (and so Δ) not
+    assert "| simclr | 1.4 |" in text  # criterion e's std: deltas 21 and 23
 
 
 def test_the_std_interval_narrows_with_more_runs():

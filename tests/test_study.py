@@ -263,7 +263,7 @@ def test_slurm_submits_checkpointable_arrays_and_dependent_evaluations(tmp_path)
             assert after == {"dependency": f"afterok:{array.job_id}_{to_train.index(task.cell.name)}",
                              "kill_on_invalid_dep": "yes"}
     # The report once every job has ended, however it ended.
-    assert (report_job.tasks, report_job.args) == ([study.build_report], (root,))
+    assert (report_job.tasks, report_job.args) == ([study.build_report], (root, False))
     assert report_job.params["slurm_additional_parameters"]["dependency"] == \
         "afterany:" + ":".join([*submission.train.values(), *submission.eval.values()])
     assert "gpus_per_node" not in report_job.params and report_job.params["cpus_per_task"] == 1
