@@ -617,7 +617,8 @@ def run_slurm(cells, root, a, executor_factory=None):
         if todo:
             # afterany: the report also shows what finished when some cells failed.
             with sbatch_refusal("report job"):
-                job = executor("report", "afterany:" + ":".join(result.job_ids())).submit(build_report, root, a.preset in BLIND)
+                job = executor("report", "afterany:" + ":".join(result.job_ids())).submit(
+                    build_report, root, a.preset in BLIND)
             result.report = job.job_id
     except SlurmError as e:
         if result.job_ids():
