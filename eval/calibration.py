@@ -92,18 +92,18 @@ def delta_spread(results):
     within worlds (each world's own mean removed), or across worlds when each has one seed; and
     the std of each pair kind alone and their correlation, pooled alike. Only spreads are
     computed, so Δ's size and sign stay hidden."""
-    seen, checkpoints = {}, {}
+    seen = {}  # (method, pairs, world, seed) -> its result
     for r in results:
         if (r["eval"], r["dataset"], r.get("split"), r.get("crop", "center")) == ("linear", "embedded", "seen", "center"):
             key = r["method"], r["pairs"], r.get("world_seed"), r.get("seed")
-            if key in seen and checkpoints[key] != r["checkpoint"]:
+            if key in seen and seen[key]["checkpoint"] != r["checkpoint"]:
                 raise DuplicateRuns("two runs of {} {} in world {}, seed {}: {} and {}".format(
-                    *key, checkpoints[key], r["checkpoint"]))
-            seen[key], checkpoints[key] = r["accuracy"], r["checkpoint"]
+                    *key, seen[key]["checkpoint"], r["checkpoint"]))
+            seen[key] = r
     paired = defaultdict(lambda: defaultdict(list))   # method -> world -> per-seed (SP, AP)
     for (method, pairs, world, seed), sp in seen.items():
         if pairs == "semantic" and (method, "augmented", world, seed) in seen:
-            paired[method][world].append((sp, seen[method, "augmented", world, seed]))
+            paired[method][world].append((sp["accuracy"], seen[method, "augmented", world, seed]["accuracy"]))
     spread = {}
     for method, worlds in paired.items():
         groups = [np.array(g) for g in worlds.values()]
