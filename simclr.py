@@ -25,9 +25,9 @@ DEFAULTS = {
     "proj_dim": (128, 128),
     # SimCLR v1 ends its head with BatchNorm (a scale, no shift) on the 128-d output and sums the
     # two directions' losses (loss_a + loss_b: twice the mean over 2N anchors), which doubles the
-    # step of the BatchNorm and bias parameters LARS does not adapt. The world keeps the head and
-    # loss it was calibrated with.
-    "proj_out_bn": (True, False),
+    # step of the BatchNorm and bias parameters LARS does not adapt. On the world the output
+    # BatchNorm halves the seed spread of SP - AP (criterion e, README); the loss stays a mean.
+    "proj_out_bn": (True, True),
     "loss_scale": (2.0, 1.0),  # multiplies NT-Xent's mean over the 2N anchors
 }
 
@@ -48,16 +48,21 @@ class SimCLR(nn.Module):
         self.projector = nn.Sequential(*layers)
 
     def forward(self, x):
-        return self.projector(self.backbone(x))
+        """(the embeddings, the same before the output BatchNorm). The collapse monitor reads the
+        second: a BatchNorm's output spreads over every dimension by construction, collapsed or not."""
+        before_bn = self.projector[:4](self.backbone(x))
+        return self.projector[4:](before_bn), before_bn
 
 
 def simclr_loss(model, x1, x2, temperature, scale=1.0):
-    """NT-Xent of a batch of pairs (times `scale`), and the first view's embeddings (for the
-    collapse monitor). Both views go through the network together (BatchNorm over the 2N views, as
+    """NT-Xent of a batch of pairs (times `scale`), and the first view's embeddings before any
+    output BatchNorm (for the collapse monitor). Both views go through the network together (BatchNorm over the 2N views, as
     in SimCLR's code); the embeddings are gathered across processes, so every process's negatives
     are the whole global batch and the gradients those of one process."""
-    z1, z2 = model(torch.cat([x1, x2])).float().chunk(2)
-    return scale * losses.nt_xent(distributed.gather(z1), distributed.gather(z2), temperature), z1
+    z, before_bn = model(torch.cat([x1, x2]))
+    z1, z2 = z.float().chunk(2)
+    loss = scale * losses.nt_xent(distributed.gather(z1), distributed.gather(z2), temperature)
+    return loss, before_bn[:len(x1)]
 
 
 def parse_args(argv=None, real_data=None):
@@ -82,7 +87,7 @@ def schedules(args, steps_per_epoch):
 
 def train_step(model, optimizer, run, args, views, lr):
     """One optimisation step on a batch of pairs (views: [view 1, view 2]); returns the loss and the
-    first view's embeddings."""
+    first view's embeddings before any output BatchNorm."""
     optim.set_lr(optimizer, lr)
     x1, x2 = views
     with run.autocast():

@@ -8,6 +8,7 @@ import byol
 import dino
 import simclr
 import vicreg
+from common.monitor import embedding_std
 
 
 class DeviceOnly:
@@ -50,12 +51,12 @@ def test_simclr_v1_head_ends_in_batchnorm_without_shift_and_sums_both_directions
     linear, bn = model.projector[-2], model.projector[-1]
     assert isinstance(bn, nn.BatchNorm1d) and linear.bias is None
     assert not bn.bias.requires_grad and bn.weight.requires_grad
-    z = model(torch.randn(8, 32))
+    z = model(torch.randn(8, 32))[0]
     torch.testing.assert_close(z.mean(0), torch.zeros(16), atol=1e-5, rtol=0)  # BN output, no shift
     x1, x2 = torch.randn(4, 32), torch.randn(4, 32)
     mean = simclr.simclr_loss(model, x1, x2, 0.1)[0]
     # v1: loss_a + loss_b, each direction's cross-entropy averaged over its N anchors
-    z1, z2 = nn.functional.normalize(model(torch.cat([x1, x2])), dim=1).chunk(2)
+    z1, z2 = nn.functional.normalize(model(torch.cat([x1, x2]))[0], dim=1).chunk(2)
     mask = torch.eye(4, dtype=torch.bool)
     labels = torch.arange(4)
 
@@ -67,10 +68,24 @@ def test_simclr_v1_head_ends_in_batchnorm_without_shift_and_sums_both_directions
     torch.testing.assert_close(2 * mean, direction(z1, z2) + direction(z2, z1))
 
 
-def test_simclr_world_keeps_its_calibrated_head_and_loss():
+def test_simclr_world_keeps_v1s_output_batchnorm_and_a_mean_loss():
     args = simclr.parse_args(["--pairs", "semantic"])
-    assert (args.proj_out_bn, args.loss_scale) == (False, 1.0)
+    assert (args.proj_out_bn, args.loss_scale) == (True, 1.0)
     assert isinstance(simclr.SimCLR(nn.Identity(), 32, 16).projector[-1], nn.Linear)
+
+
+def test_simclr_collapse_monitor_reads_the_projection_before_its_output_batchnorm():
+    # A head collapsed to one output direction (a rank-1 last Linear fed by the ReLU's non-negative
+    # activations): the BatchNorm after it still spreads its output evenly, so only the projection
+    # before the BatchNorm can show the collapse.
+    torch.manual_seed(0)
+    model = simclr.SimCLR(nn.Identity(), 32, 16, out_bn=True)
+    with torch.no_grad():
+        model.projector[3].weight.copy_(torch.outer(torch.randn(16), torch.rand(32)))
+    x = torch.randn(64, 32)
+    z, before_bn = model(x)
+    assert embedding_std(before_bn).item() < 0.01 and embedding_std(z).item() > 0.9
+    torch.testing.assert_close(simclr.simclr_loss(model, *x.chunk(2), 0.2)[1], before_bn[:32])
 
 
 def test_dino_global_crops_momentum_and_vit_precision_follow_dino():

@@ -1,8 +1,9 @@
 """No collapse over a short run on a small embedded world.
 
 Each script logs embedding_std every step: the per-dimension standard deviation over the batch of
-the L2-normalised embeddings its loss acts on (VICReg's expander output, BYOL's online prediction,
-DINO's centred and sharpened teacher output), times sqrt(dim). It is 0 when every input maps to
+the L2-normalised embeddings its loss acts on (SimCLR's projection, read before its output
+BatchNorm, which spreads evenly whatever comes in; VICReg's expander output, BYOL's online
+prediction, DINO's centred and sharpened teacher output), times sqrt(dim). It is 0 when every input maps to
 the same direction, whatever the norms, and 1 for embeddings spread evenly over all dimensions.
 A short run leaves the backbone close to its initialisation, so collapse shows first, and only, at
 the head: these are the embeddings to watch.
