@@ -25,8 +25,8 @@ DEFAULTS = {
     "proj_dim": (128, 128),
     # SimCLR v1 ends its head with BatchNorm (a scale, no shift) on the 128-d output and sums the
     # two directions' losses (loss_a + loss_b: twice the mean over 2N anchors), which doubles the
-    # step of the BatchNorm and bias parameters LARS does not adapt. On the world the output
-    # BatchNorm halves the seed spread of SP - AP (criterion e, README); the loss stays a mean.
+    # step of the BatchNorm and bias parameters LARS does not adapt. The world has the output
+    # BatchNorm too, for its better augmented-pair probe (criterion c, README); the loss stays a mean.
     "proj_out_bn": (True, True),
     "loss_scale": (2.0, 1.0),  # multiplies NT-Xent's mean over the 2N anchors
 }
@@ -50,15 +50,16 @@ class SimCLR(nn.Module):
     def forward(self, x):
         """(the embeddings, the same before the output BatchNorm). The collapse monitor reads the
         second: a BatchNorm's output spreads over every dimension by construction, collapsed or not."""
-        before_bn = self.projector[:4](self.backbone(x))
-        return self.projector[4:](before_bn), before_bn
+        before_bn = self.projector[:4](self.backbone(x))  # Linear-BN-ReLU-Linear
+        return self.projector[4:](before_bn), before_bn  # then the output BatchNorm, if any
 
 
 def simclr_loss(model, x1, x2, temperature, scale=1.0):
     """NT-Xent of a batch of pairs (times `scale`), and the first view's embeddings before any
-    output BatchNorm (for the collapse monitor). Both views go through the network together (BatchNorm over the 2N views, as
-    in SimCLR's code); the embeddings are gathered across processes, so every process's negatives
-    are the whole global batch and the gradients those of one process."""
+    output BatchNorm (for the collapse monitor). Both views go through the network together
+    (BatchNorm over the 2N views, as in SimCLR's code); the embeddings are gathered across
+    processes, so every process's negatives are the whole global batch and the gradients those of
+    one process."""
     z, before_bn = model(torch.cat([x1, x2]))
     z1, z2 = z.float().chunk(2)
     loss = scale * losses.nt_xent(distributed.gather(z1), distributed.gather(z2), temperature)
