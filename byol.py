@@ -77,7 +77,8 @@ def parse_args(argv=None, real_data=None):
 def build(args, run):
     """The online network, the target and the optimizer, on the run's device."""
     # zero_init_residual: BYOL's ResNet starts each residual block's last BN scale at 0 (RECIPES.md).
-    backbone, feat_dim = build_backbone(args.arch, args.img_size, weights=args.init_backbone, zero_init_residual=True)
+    backbone, feat_dim = build_backbone(args.arch, args.img_size, args.width, weights=args.init_backbone,
+                                        zero_init_residual=True)
     online = BYOL(backbone, feat_dim, args.hidden_dim, args.proj_dim)
     target = copy.deepcopy(online.encoder)
     model, target = run.prepare(online), run.prepare(target)

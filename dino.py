@@ -183,10 +183,10 @@ def parse_args(argv=None, real_data=None):
 
 def build(args, run):
     """Student, teacher, centre and the student's optimizer, on the run's device."""
-    backbone, feat_dim = build_backbone(args.arch, args.img_size, drop_path_rate=args.drop_path_rate,
+    backbone, feat_dim = build_backbone(args.arch, args.img_size, args.width, drop_path_rate=args.drop_path_rate,
                                         weights=args.init_backbone)
     student = DINO(backbone, feat_dim, args.out_dim, args.norm_last_layer, args.bn_in_head)
-    teacher = DINO(*build_backbone(args.arch, args.img_size), args.out_dim, args.norm_last_layer,
+    teacher = DINO(*build_backbone(args.arch, args.img_size, args.width), args.out_dim, args.norm_last_layer,
                    args.bn_in_head)  # no drop path
     teacher.load_state_dict(student.state_dict())
     student, teacher = run.prepare(student), run.prepare(teacher)

@@ -74,7 +74,8 @@ def parse_args(argv=None, real_data=None):
 def build(args, run):
     """The network and its optimizer, on the run's device."""
     # zero_init_residual: SimCLR's ResNet starts each residual block's last BN scale at 0 (RECIPES.md).
-    backbone, feat_dim = build_backbone(args.arch, args.img_size, weights=args.init_backbone, zero_init_residual=True)
+    backbone, feat_dim = build_backbone(args.arch, args.img_size, args.width, weights=args.init_backbone,
+                                        zero_init_residual=True)
     model = run.prepare(SimCLR(backbone, feat_dim, args.proj_dim, args.proj_out_bn))
     optimizer = optim.OPTIMIZERS[args.optimizer](optim.param_groups(model, args.weight_decay))
     return model, optimizer

@@ -73,7 +73,7 @@ def main():
     views = transforms.pair_views("simclr", args.img_size, args.transforms, (args.min_crop_scale, 1.0))
     dataset = data.pretrain_dataset(args, views, mode="semantic")
     loader = run.loader(dataset)
-    backbone, feat_dim = build_backbone(args.arch, args.img_size, weights=args.init_backbone)
+    backbone, feat_dim = build_backbone(args.arch, args.img_size, args.width, weights=args.init_backbone)
     if kind == "supervised":
         supervised(args, run, dataset, loader, backbone, feat_dim)
     else:

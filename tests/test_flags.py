@@ -113,6 +113,7 @@ def test_every_numeric_flag_refuses_out_of_range_values_in_one_line_and_accepts_
 @pytest.mark.parametrize("name, argv, message", [
     ("simclr.py", ["--batch-size", "1"], "--batch-size must be a multiple of the 1 process(es) with at least 2 pairs"),
     ("vicreg.py", ["--arch", "vit_small_patch8", "--img-size", "36"], "--img-size must be a multiple of 8"),
+    ("simclr.py", ["--arch", "resnet18", "--width", "32"], "--width sets the convnet's width; resnet18 has its own"),
     ("byol.py", ["--epochs", "3", "--warmup-epochs", "4"], "--warmup-epochs must be at most --epochs (3), got 4"),
     ("dino.py", ["--epochs", "2", "--freeze-last-layer", "3"], "--freeze-last-layer must be at most --epochs (2)"),
     ("dino.py", ["--epochs", "2", "--teacher-temp-warmup-epochs", "5"], "--teacher-temp-warmup-epochs must be at most"),

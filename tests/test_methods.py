@@ -54,17 +54,20 @@ def assert_same(a, b, same=True):
 @pytest.mark.parametrize("method", ["vicreg", "byol", "dino"])
 def test_method_trains_and_writes_the_outputs_simclr_writes(tiny_world, tmp_path, monkeypatch, method, pairs):
     out = tmp_path / "run"
-    train(monkeypatch, f"{method}.py", "--pairs", pairs, "--epochs", "1", "--out", out, *TINY_RUN, *TINY_HEADS[method])
+    width = 8 if pairs == "augmented" else 16  # --width reaches the backbone (and DINO's teacher); 16 by default
+    width_flag = ["--width", width] if pairs == "augmented" else []
+    train(monkeypatch, f"{method}.py", "--pairs", pairs, "--epochs", "1", "--out", out, *TINY_RUN, *TINY_HEADS[method],
+          *width_flag)
     log = read_log(out)
     steps = [r for r in log if "step" in r]
     assert len(steps) == 4  # 32 pairs / batch 8
     assert all(np.isfinite(r["loss"]) and r["images_per_s"] > 0 and 0 < r["embedding_std"] for r in steps)
     assert log[-1]["epoch"] == 1 and 0 <= log[-1]["knn_top1"] <= 100
     config = json.loads((out / "config.json").read_text())
-    assert config["method"] == method and config["pairs"] == pairs
+    assert config["method"] == method and config["pairs"] == pairs and config["width"] == width
     checkpoint = load(out / "checkpoint.pth")
     backbone = load(out / "backbone.pth")
-    ConvNet().load_state_dict(backbone, strict=True)
+    ConvNet(width).load_state_dict(backbone, strict=True)
     # The evaluated backbone: BYOL's online network, DINO's teacher (as DINO's own evaluations).
     saved = {"vicreg": ("model", "backbone."), "byol": ("model", "encoder.backbone."),
              "dino": ("teacher", "backbone.")}[method]
