@@ -12,6 +12,7 @@ import torchvision
 from torch import nn
 
 ARCHS = ("resnet50", "resnet18", "convnet", "vit_small_patch8", "vit_tiny6_patch8")
+CONVNET_WIDTH = 16  # the embedded world's default (--width)
 
 
 class ConvNet(nn.Module):
@@ -19,7 +20,7 @@ class ConvNet(nn.Module):
     global average pooling (8 x width features). At width 16 about 1 ms of one CPU core per
     32-px training view, the embedded world's default backbone."""
 
-    def __init__(self, width=16):
+    def __init__(self, width=CONVNET_WIDTH):
         super().__init__()
         widths = [width, width, 2 * width, 2 * width, 4 * width, 4 * width, 8 * width]
         strides = [1, 1, 2, 1, 2, 1, 2]
@@ -34,7 +35,7 @@ class ConvNet(nn.Module):
         return self.features(x).mean(dim=(2, 3))
 
 
-def build_backbone(arch, img_size=224, width=16, drop_path_rate=0.0, weights=None, zero_init_residual=False):
+def build_backbone(arch, img_size=224, width=CONVNET_WIDTH, drop_path_rate=0.0, weights=None, zero_init_residual=False):
     """Returns (backbone, feature dimension), newly initialised or, with `weights` (a backbone.pth of
     the same architecture, or its state dict), starting from those. zero_init_residual (ResNets):
     the last BatchNorm scale of each residual block starts at 0, so each block starts as the identity."""
@@ -85,4 +86,4 @@ def load_backbone(path, img_size=224):
     """Rebuilds a backbone from its `backbone.pth`; returns (model, feature dimension)."""
     state = torch.load(path, map_location="cpu", weights_only=True)
     arch, width = infer_arch(state)
-    return build_backbone(arch, img_size, width=width or 16, weights=state)
+    return build_backbone(arch, img_size, width=width or CONVNET_WIDTH, weights=state)

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from common import data, distributed, flags, transforms
-from common.backbones import ARCHS
+from common.backbones import ARCHS, CONVNET_WIDTH
 from common.features import extract_features, knn_accuracy
 from common.optim import OPTIMIZERS
 from common.pairs import ManifestError
@@ -26,7 +26,7 @@ from common.pairs import ManifestError
 # Shared controls, identical for every method: (real data as in the paper, embedded world on 2 CPU cores).
 SHARED_DEFAULTS = {
     "arch": ("resnet50", "convnet"),
-    "width": (16, 16),  # the convnet's alone: the ResNets and ViTs have their fixed widths
+    "width": (CONVNET_WIDTH, CONVNET_WIDTH),  # the convnet's alone: the ResNets and ViTs have fixed widths
     "epochs": (200, 15),
     "batch_size": (256, 128),
     "img_size": (224, 32),

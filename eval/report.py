@@ -19,7 +19,8 @@ writes one JSON object, by default to RUN/results/<eval>-<dataset>[-<split>][-<c
   num_train, num_test, protocol (the evaluation's settings), time_s
   from RUN/config.json next to the checkpoint (null when absent): method, pairs ("semantic" |
   "augmented" | "supervised" | "random"), seed (the pretraining seed), epochs, images_per_class
-  (null: all pairs), transforms ("full" | "no_gray" | "no_color" | "only_crop"), arch, batch_size,
+  (null: all pairs), transforms ("full" | "no_gray" | "no_color" | "only_crop"), arch, width (the
+  convnet's; rows name a width other than the default, "convnet (width 32)"), batch_size,
   world (the --world KEY=VALUE list, null: default world), data (null: the embedded world),
   world_version, world_config (every world setting) and world_seed (null on real data), and
   embedding_std (the run's final embedding spread, its collapse measure; null if it logged none)

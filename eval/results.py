@@ -7,8 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
+from common.backbones import CONVNET_WIDTH
+
 SCHEMA = "sempairs-eval/1"
-RUN_FIELDS = ("method", "pairs", "seed", "epochs", "images_per_class", "transforms", "arch", "batch_size",
+RUN_FIELDS = ("method", "pairs", "seed", "epochs", "images_per_class", "transforms", "arch", "width", "batch_size",
               "world", "data", "world_version", "world_config", "world_seed", "embedding_std")
 # A run whose embeddings end less spread than this has collapsed (common/monitor.py's embedding_std:
 # 1 spread evenly, 0 one direction). Healthy runs on the world end above 0.3; the collapsed
@@ -65,7 +67,7 @@ def entries(results):
         dataset = r["dataset"] + (f"-{r['split']}" if r.get("split") else "")
         seed = r.get("seed") if r.get("world_seed") is None else (r["world_seed"], r.get("seed"))
         base = {k: r.get(k) for k in RUN_FIELDS} | {"dataset": dataset, "crop": r.get("crop", "center"),
-                                                    "world": world, "seed": seed}
+                                                    "world": world, "seed": seed, "arch": arch_name(r)}
         if r["eval"] == "invariance":
             for factor, s in r["scores"].items():
                 for score in ("vs_instance", "vs_class"):
@@ -75,6 +77,15 @@ def entries(results):
                 yield base | {"eval": r["eval"], "metric": metric, "value": value}
         else:
             yield base | {"eval": r["eval"], "value": r["accuracy"]}
+
+
+def arch_name(r):
+    """The architecture, with the convnet's width where it is not the default, so runs of two
+    widths never share a row (runs from before --width recorded none: the default)."""
+    width = r.get("width")
+    if r.get("arch") == "convnet" and width not in (None, CONVNET_WIDTH):
+        return f"convnet (width {width})"
+    return r.get("arch")
 
 
 def order_key(axis, value):

@@ -148,6 +148,19 @@ def test_world_seeds_are_replicates_paired_by_world(tmp_path):
     assert table.title.endswith("world default)")  # the world seed is not a setting
 
 
+def test_convnets_of_two_widths_never_share_a_row(tmp_path):
+    for width, sp, ap in ((None, 30, 25), (16, 34, 31), (32, 40, 33)):  # None: a run from before --width
+        folder = tmp_path / str(width)
+        folder.mkdir()
+        for pairs, accuracy in (("semantic", sp), ("augmented", ap)):
+            result(folder, pairs=pairs, dataset="embedded", split="seen", accuracy=accuracy, arch="convnet",
+                   width=width, seed=0 if width is None else 1)
+    [table] = report.tables(report.load_results([tmp_path]))
+    assert table.rows == ["simclr / convnet", "simclr / convnet (width 32)"]
+    assert table.cells["simclr / convnet", "embedded-seen", "SP"].mean == pytest.approx(32)  # 16 is the default
+    assert table.cells["simclr / convnet (width 32)", "embedded-seen", "delta"].mean == pytest.approx(7)
+
+
 def test_a_collapsed_run_makes_its_delta_not_testable(tmp_path):
     for world_seed in (1, 2):
         world_result(tmp_path, world_seed, "semantic", 20, method="byol", spread=0.9 * report.COLLAPSED_BELOW)
