@@ -26,7 +26,6 @@ from common.pairs import ManifestError
 # Shared controls, identical for every method: (real data as in the paper, embedded world on 2 CPU cores).
 SHARED_DEFAULTS = {
     "arch": ("resnet50", "convnet"),
-    "width": (CONVNET_WIDTH, CONVNET_WIDTH),  # the convnet's alone: the ResNets and ViTs have fixed widths
     "epochs": (200, 15),
     "batch_size": (256, 128),
     "img_size": (224, 32),
@@ -90,7 +89,8 @@ def base_parser(method, defaults, prog=None):
                    help="global batch size (pairs), split over processes, at least 2 per process; " + default("batch_size"))
     p.add_argument("--arch", choices=ARCHS, help=default("arch"))
     p.add_argument("--width", type=flags.POSITIVE_INT,
-                   help="the convnet's first-layer channels (8 x width features; --arch convnet only); " + default("width"))
+                   help=f"the convnet's first-layer channels, 8 x width features (--arch convnet only); "
+                        f"default {CONVNET_WIDTH}")
     p.add_argument("--img-size", type=flags.bounded(int, 8), help="at least 8 (a multiple of 8 for the ViTs); " + default("img_size"))
     p.add_argument("--transforms", choices=transforms.ABLATIONS, default="full",
                    help="the paper's augmentation ablations")
@@ -162,6 +162,8 @@ def resolve_defaults(args, real_data=None):
     del args.method_defaults
     args.out = args.out or f"runs/{args.method}-{args.pairs}-s{args.seed}"
     check_flags(args, given)
+    if args.arch == "convnet":  # config.json records a width only where there is one
+        args.width = args.width or CONVNET_WIDTH
     if not args.data:  # config.json records the world, so results of different worlds are never mixed
         from common.world import WORLD_VERSION
 
@@ -177,7 +179,7 @@ def check_flags(args, given):
     if args.batch_size < 2 * processes or args.batch_size % processes:
         flags.fail(f"--batch-size must be a multiple of the {processes} process(es) with at least 2 pairs each "
                    f"(BatchNorm and the losses need two), got {args.batch_size}")
-    if "width" in given and args.arch != "convnet":
+    if args.width is not None and args.arch != "convnet":
         flags.fail(f"--width sets the convnet's width; {args.arch} has its own, so drop --width or use --arch convnet")
     if args.arch.startswith("vit") and args.img_size % 8:
         flags.fail(f"--img-size must be a multiple of 8 for {args.arch} (its patch size), got {args.img_size}")
