@@ -54,8 +54,8 @@ def assert_same(a, b, same=True):
 @pytest.mark.parametrize("method", ["vicreg", "byol", "dino"])
 def test_method_trains_and_writes_the_outputs_simclr_writes(tiny_world, tmp_path, monkeypatch, method, pairs):
     out = tmp_path / "run"
-    width = 8 if pairs == "augmented" else 16  # --width reaches the backbone (and DINO's teacher); 16 by default
-    width_flag = ["--width", width] if pairs == "augmented" else []
+    width_flag = ["--width", 8] if pairs == "augmented" else []  # reaches the backbone (and DINO's teacher)
+    width = 8 if width_flag else 16  # the default
     train(monkeypatch, f"{method}.py", "--pairs", pairs, "--epochs", "1", "--out", out, *TINY_RUN, *TINY_HEADS[method],
           *width_flag)
     log = read_log(out)
