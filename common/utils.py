@@ -249,6 +249,24 @@ def set_rng_state(state, device):
         torch.cuda.set_rng_state(state["cuda"].cpu(), device)
 
 
+def refuse_maps_smaller_than_the_stride(model):
+    """Ends a bf16 CPU run whose strided convolution (kernel > 1) gets an input map smaller than its
+    stride, such as a ResNet's layer4 on views of 16 px or less: for those PyTorch's oneDNN bf16
+    kernels return gradients read from uninitialised memory (torch 2.14.1; float32 is exact), so
+    the run would train on garbage or stop at a NaN loss a few steps later."""
+    def check(name):
+        def hook(conv, inputs):
+            if any(size < stride for size, stride in zip(inputs[0].shape[-2:], conv.stride)):
+                flags.fail(f"--precision bf16 on the CPU: {name} (stride {conv.stride[0]}) gets "
+                           f"{'x'.join(map(str, inputs[0].shape[-2:]))} maps, for which PyTorch's bf16 CPU "
+                           "kernels give wrong gradients; use larger views (--img-size) or --precision fp32")
+        return hook
+
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Conv2d) and max(module.kernel_size) > 1 and max(module.stride) > 1:
+            module.register_forward_pre_hook(check(name))
+
+
 class Run:
     """One training run: device, processes, output folder, JSON-lines log, progress bar,
     checkpoints, the kNN monitor and the final backbone.pth."""
@@ -296,6 +314,8 @@ class Run:
         if self.world_size > 1 and sync_bn:
             model = distributed.convert_sync_batchnorm(model, self.device)
         model = model.to(self.device, memory_format=self.memory_format)
+        if self.bf16 and self.device.type == "cpu":
+            refuse_maps_smaller_than_the_stride(model)
         if self.world_size > 1:
             model = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None)

@@ -92,8 +92,10 @@ def test_training_starts_from_the_init_backbone(tiny_world, tmp_path, monkeypatc
 @pytest.mark.parametrize("arch", ["resnet50", "vit_small_patch8"])
 def test_dino_resnet50_and_vit_recipes_and_their_backbones(tiny_world, tmp_path, monkeypatch, arch):
     out = tmp_path / arch
-    # On --data, so that the publication's recipe applies (the world's defaults differ).
-    train(monkeypatch, "dino.py", "--pairs", "semantic", "--arch", arch, "--img-size", "32", "--epochs", "1",
+    # On --data, so that the publication's recipe applies (the world's defaults differ). The ResNet's
+    # local crops (24 px) keep its layer4 maps at least as large as their stride, as bf16 needs.
+    img_size = 64 if arch == "resnet50" else 32
+    train(monkeypatch, "dino.py", "--pairs", "semantic", "--arch", arch, "--img-size", img_size, "--epochs", "1",
           "--batch-size", "4", "--images-per-class", "2", "--out", out, "--log-every", "1", "--workers", "0",
           "--data", tiny_world / "train", "--manifest", tiny_world / "pairs.csv", *TINY_HEADS["dino"])
     config = json.loads((out / "config.json").read_text())
@@ -112,6 +114,18 @@ def test_dino_resnet50_and_vit_recipes_and_their_backbones(tiny_world, tmp_path,
         assert [g["weight_decay"] for g in optimizer["param_groups"]] == pytest.approx([0.22, 0.0])
         assert "exp_avg_sq" in next(iter(optimizer["state"].values()))  # AdamW
     model.load_state_dict(load(out / "backbone.pth"), strict=True)
+
+
+def test_bf16_on_the_cpu_refuses_maps_smaller_than_a_strided_convolutions_stride(tiny_world, tmp_path, monkeypatch,
+                                                                                capsys):
+    # 16-px views give resnet18's layer4 1x1 maps, where PyTorch's bf16 CPU kernels give wrong gradients.
+    with pytest.raises(SystemExit) as exit_:
+        train(monkeypatch, "simclr.py", "--pairs", "semantic", "--arch", "resnet18", "--img-size", "16", "--precision",
+              "bf16", "--epochs", "1", "--out", tmp_path / "run", *TINY_RUN)
+    assert exit_.value.code == 2
+    error = capsys.readouterr().err.split("error: ")[-1]
+    assert error.startswith("--precision bf16 on the CPU: backbone.layer4.0.conv1 (stride 2) gets 1x1 maps")
+    assert error.count("\n") == 1 and not (tmp_path / "run" / "log.jsonl").exists()  # stopped before a step
 
 
 class Stop(Exception):
