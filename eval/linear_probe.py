@@ -14,8 +14,9 @@ features, fitted with L-BFGS, the regularisation chosen on a validation split; C
 3. Classifier: softmax regression minimising mean cross-entropy + l2/2 * ||W||^2 (bias not
    penalised), full-batch L-BFGS from zero (strong Wolfe line search, history 20) for at most
    MAX_ITER = 100 iterations, i.e. about 100 passes over the features.
-4. l2 is chosen from L2_GRID (10^0 down to 10^-6, one per decade) by accuracy on a stratified,
-   seeded 20% of the training set, held out from a fit on the other 80%; ties go to the larger l2.
+4. l2 is chosen from L2_GRID (10^0 down to 10^-6, one per decade; `--l2-per-decade 4` searches
+   ssl-transfer's spacing, `--l2` fixes it) by accuracy on a stratified, seeded 20% of the
+   training set, held out from a fit on the other 80%; ties go to the larger l2.
 5. Refit on the whole training set with that l2 and evaluate once on the test set: the centre
    view, or with --crop random the random partial crops of the Table 4 test (eval.datasets; the
    classifier is always trained on centre views).
@@ -35,7 +36,14 @@ from common.utils import run_main
 from eval import report
 from eval.datasets import add_eval_args, dataset_features, load_for_eval, result_path, view_protocol
 
-L2_GRID = tuple(10.0 ** -e for e in range(7))
+
+def l2_grid(per_decade=1):
+    """l2 from 1 down to 1e-6, `per_decade` values to a decade (ssl-transfer's linear.py searches
+    4 a decade: 45 values over 11 decades)."""
+    return tuple(10.0 ** (-k / per_decade) for k in range(6 * per_decade + 1))
+
+
+L2_GRID = l2_grid()
 VAL_FRACTION = 0.2
 MAX_ITER = 100
 # Below this many multiply-adds per matmul (N x D x C) a CPU fit runs on one thread: its per-op
@@ -141,23 +149,30 @@ def train_probe(x, y, num_classes, grid=L2_GRID, val_fraction=VAL_FRACTION, seed
 
 
 def protocol(args, search):
+    selection = "fixed by --l2" if args.l2 else "validation accuracy"
     return {"name": "l2-logistic-regression", "features": "global-pooled, backbone in eval mode, centre view",
             "train_view": view_protocol(args.img_size, "center", args.seed),
             "test_view": view_protocol(args.img_size, args.crop, args.seed),
             "standardise": "fitting set mean/std", "optimizer": "full-batch L-BFGS, strong Wolfe, history 20",
-            "max_iter": MAX_ITER, "val_fraction": VAL_FRACTION, "selection": "validation accuracy", **search}
+            "max_iter": MAX_ITER, "val_fraction": VAL_FRACTION, "selection": selection, **search}
 
 
 def main(argv=None):
     parser = flags.Parser(prog="python -m eval.linear_probe", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    args = add_eval_args(parser).parse_args(argv)
+    add_eval_args(parser)
+    grid = parser.add_mutually_exclusive_group()
+    grid.add_argument("--l2-per-decade", type=flags.POSITIVE_INT, default=1,
+                      help="l2 values searched per decade from 1 to 1e-6 (ssl-transfer's spacing is 4)")
+    grid.add_argument("--l2", type=flags.POSITIVE, help="a fixed l2 instead of the search (ssl-transfer's --C)")
+    args = parser.parse_args(argv)
     start = time.time()
     backbone, _ = load_for_eval(args)
     train_x, train_y, classes = dataset_features(args, backbone, "train")
     test_x, test_y, _ = dataset_features(args, backbone, "test", args.crop)
     device = torch.device(args.device)
-    classifier, search = train_probe(train_x.to(device), train_y.to(device), len(classes), seed=args.seed)
+    classifier, search = train_probe(train_x.to(device), train_y.to(device), len(classes),
+                                     (args.l2,) if args.l2 else l2_grid(args.l2_per_decade), seed=args.seed)
     acc = accuracy(classifier, test_x.to(device), test_y.to(device))
     record = report.result_record(args, "linear", accuracy=acc, num_classes=len(classes), num_train=len(train_y),
                                   num_test=len(test_y), protocol=protocol(args, search), time_s=time.time() - start)

@@ -175,6 +175,22 @@ def test_probe_chooses_l2_without_looking_at_the_test_set(tmp_path, unchecked):
     assert a["l2"] == b["l2"] and a["val_accuracy"] == b["val_accuracy"]
 
 
+def test_probe_searches_a_finer_grid_or_takes_a_fixed_l2(tmp_path, unchecked):
+    """--l2-per-decade 4 searches ssl-transfer's spacing (the decades among it); --l2 fits that l2
+    alone; asking for both ends the command with exit 2."""
+    write_cifar(tmp_path / "data", 10, per_class=(6, 3))
+    run = random_run(tmp_path)
+    args = ["--checkpoint", str(run / "backbone.pth"), "--dataset", "cifar10", "--data-root", str(tmp_path / "data")]
+    linear_probe.main(args + ["--l2-per-decade", "4", "--out", str(tmp_path / "fine.json")])
+    linear_probe.main(args + ["--l2", "0.003", "--out", str(tmp_path / "fixed.json")])
+    fine, fixed = (json.loads((tmp_path / f).read_text())["protocol"] for f in ("fine.json", "fixed.json"))
+    assert len(fine["l2_grid"]) == 25 and set(linear_probe.L2_GRID) <= set(fine["l2_grid"])
+    assert fine["selection"] == "validation accuracy" and fine["l2"] in fine["l2_grid"]
+    assert (fixed["l2_grid"], fixed["l2"], fixed["selection"]) == ([0.003], 0.003, "fixed by --l2")
+    proc = run_script("-m", "eval.linear_probe", *args, "--l2", "0.003", "--l2-per-decade", "4", check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "--l2" in proc.stderr, proc.stderr
+
+
 def test_random_crop_test_is_seeded_and_cached_apart(tmp_path, unchecked):
     write_stl10(tmp_path / "data")
     run = random_run(tmp_path)
