@@ -32,7 +32,7 @@ from PIL import Image
 
 from common.data import image_folder, world_config
 from eval.linear_probe import accuracy, train_probe
-from eval.report import COLLAPSED_BELOW, MixedWorlds, check_world_versions, load_results
+from eval.report import COLLAPSED_BELOW, MixedResults, check_comparable, load_results
 
 SPLITS = ("seen", "unseen")
 
@@ -180,9 +180,9 @@ def main(argv=None):
         parser.error("give a study folder, or --colour-histogram")
     results = load_results(args.folders)
     try:
-        check_world_versions(results)
+        check_comparable(results)
         spread = delta_spread(results)
-    except (MixedWorlds, DuplicateRuns) as e:
+    except (MixedResults, DuplicateRuns) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     table = figures(results)

@@ -58,7 +58,7 @@ import numpy as np
 
 from common import flags
 from eval.claims import write_claims
-from eval.results import (AXES, COLLAPSED_BELOW, PAIRS, RUN_FIELDS, SCHEMA, MixedWorlds, check_world_versions,
+from eval.results import (AXES, COLLAPSED_BELOW, PAIRS, RUN_FIELDS, SCHEMA, MixedResults, check_comparable,
                           collapsed_run, column_label, entries, load_results, main_setting, matches, order_key,
                           ordered, seed_means)
 
@@ -310,7 +310,7 @@ def provenance(results):
 
 def write_report(results, out):
     """report.md, results.csv and a PNG per table in `out`; returns the tables."""
-    check_world_versions(results)
+    check_comparable(results)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     built = tables(results)
@@ -343,7 +343,7 @@ def main(argv=None):
     out = Path(args.out or Path(args.folders[0]) / "report")
     try:
         built = write_report(results, out)
-    except MixedWorlds as e:
+    except MixedResults as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(f"{len(results)} results, {len(built)} tables -> {out / 'report.md'}, claims -> {out / 'CLAIMS.md'}")

@@ -42,21 +42,41 @@ def load_results(folders):
     return results
 
 
-class MixedWorlds(ValueError):
-    pass
+class MixedResults(ValueError):
+    """Results that cannot share a table: their numbers are not comparable."""
 
 
-def check_world_versions(results):
+def check_comparable(results):
     """Refuses results of embedded worlds of different WORLD_VERSIONs (a result without one is
-    from version 1, before runs recorded it): their numbers are not comparable."""
-    first = {}
-    for r in results:
-        if r.get("data") is None and (r.get("world_version") or r.get("dataset") == "embedded"):
-            first.setdefault(r.get("world_version") or 1, r.get("checkpoint"))
-    if len(first) > 1:
-        (v1, a), (v2, b) = sorted(first.items())[:2]
-        raise MixedWorlds(f"results of world version {v1} ({a}) and world version {v2} ({b}) cannot share a "
-                          "table: report them from separate folders")
+    from version 1, before runs recorded it), and linear probes that chose l2 differently (a
+    table would average them as if they were one protocol)."""
+    for what, of in (("world version", world_version), ("a linear probe with", probe_choice)):
+        first = {}
+        for r in results:
+            if (key := of(r)) is not None:
+                first.setdefault(key, r.get("checkpoint"))
+        if len(first) > 1:
+            (k1, a), (k2, b) = sorted(first.items())[:2]
+            raise MixedResults(f"results of {what} {k1} ({a}) and {what} {k2} ({b}) cannot share a table: "
+                               "report them from separate folders")
+
+
+def world_version(r):
+    """The embedded world's version of a result (1 where unrecorded), None on real data."""
+    if r.get("data") is None and (r.get("world_version") or r.get("dataset") == "embedded"):
+        return r.get("world_version") or 1
+    return None
+
+
+def probe_choice(r):
+    """How a linear probe chose its l2 (eval/linear_probe.py's protocol record), None if unrecorded."""
+    protocol = r.get("protocol") or {}
+    if r.get("eval") != "linear" or "l2_grid" not in protocol:
+        return None
+    if protocol.get("selection", "").startswith("fixed"):
+        return f"l2 fixed at {protocol['l2']:g}"
+    grid = protocol["l2_grid"]
+    return f"l2 searched over {len(grid)} values from {max(grid):g} to {min(grid):g}"
 
 
 def entries(results):

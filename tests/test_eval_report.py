@@ -177,12 +177,31 @@ def test_a_collapsed_run_makes_its_delta_not_testable(tmp_path):
     assert "| simclr-semantic-w2 | simclr | semantic | 2 | 0 | 0.50 | no |" in text
 
 
+def refusal(folder, capsys):
+    """The one line eval.report ends with (exit status 2) on the folder's results."""
+    with pytest.raises(SystemExit) as exit_info:
+        report.main([str(folder)])
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err.strip()
+    assert message.count("\n") == 0
+    return message
+
+
 def test_results_of_two_world_versions_are_refused(tmp_path, capsys):
     world_result(tmp_path, 1, "semantic", 30, version=2)
     result(tmp_path, dataset="embedded", split="seen", accuracy=20, data=None, checkpoint="old/backbone.pth")
-    with pytest.raises(SystemExit) as exit_info:
-        report.main([str(tmp_path)])
-    assert exit_info.value.code == 2
-    message = capsys.readouterr().err.strip()
-    assert message.count("\n") == 0 and "world version 1 (old/backbone.pth)" in message
+    message = refusal(tmp_path, capsys)
+    assert "world version 1 (old/backbone.pth)" in message
     assert "world version 2 (simclr-semantic-w1/backbone.pth)" in message
+
+
+def test_linear_probes_that_chose_l2_differently_are_refused(tmp_path, capsys):
+    searched = {"l2": 0.001, "l2_grid": [10.0 ** -e for e in range(7)], "selection": "validation accuracy"}
+    fixed = {"l2": 0.01, "l2_grid": [0.01], "selection": "fixed by --l2"}
+    result(tmp_path, accuracy=80, protocol=searched, checkpoint="a/backbone.pth")
+    result(tmp_path, pairs="augmented", accuracy=78, protocol=searched, checkpoint="b/backbone.pth")
+    report.write_report(report.load_results([tmp_path]), tmp_path / "out")  # one protocol: fine
+    result(tmp_path, pairs="augmented", accuracy=79, protocol=fixed, checkpoint="c/backbone.pth")
+    message = refusal(tmp_path, capsys)
+    assert "l2 fixed at 0.01 (c/backbone.pth)" in message
+    assert "l2 searched over 7 values from 1 to 1e-06 (a/backbone.pth)" in message
