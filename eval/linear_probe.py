@@ -164,7 +164,7 @@ def main(argv=None):
     grid = parser.add_mutually_exclusive_group()
     grid.add_argument("--l2-per-decade", type=flags.POSITIVE_INT, default=1,
                       help="l2 values searched per decade from 1 to 1e-6 (ssl-transfer's spacing is 4)")
-    grid.add_argument("--l2", type=flags.POSITIVE, help="a fixed l2 instead of the search (ssl-transfer's --C)")
+    grid.add_argument("--l2", type=flags.POSITIVE, help="a fixed l2, no search (as ssl-transfer's --C fixes its C)")
     args = parser.parse_args(argv)
     start = time.time()
     backbone, _ = load_for_eval(args)
