@@ -73,9 +73,9 @@ def probe_choice(r):
     protocol = r.get("protocol") or {}
     if r.get("eval") != "linear" or "l2_grid" not in protocol:
         return None
-    if protocol.get("selection", "").startswith("fixed"):
-        return f"l2 fixed at {protocol['l2']:g}"
     grid = protocol["l2_grid"]
+    if len(grid) == 1:  # --l2
+        return f"l2 fixed at {grid[0]:g}"
     return f"l2 searched over {len(grid)} values from {max(grid):g} to {min(grid):g}"
 
 
